@@ -1,0 +1,32 @@
+"""oodmon: flag model outputs that revert to the optimal constant solution (OOD inputs).
+
+Public API; everything else is internal. Sign convention: higher OOD score = more OOD.
+"""
+
+from oodmon.detector import Detector
+from oodmon.errors import FormatVersionError, NotFittedError, OodmonError
+from oodmon.monitor import Monitor, MonitorStats
+from oodmon.ocs import OCS, reward_targets
+from oodmon.scores import SCORES, distance
+from oodmon.verdict import HostVerdict, Observation, Verdict
+from oodmon.wrap import wrap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "OCS",
+    "SCORES",
+    "Detector",
+    "FormatVersionError",
+    "HostVerdict",
+    "Monitor",
+    "MonitorStats",
+    "NotFittedError",
+    "Observation",
+    "OodmonError",
+    "Verdict",
+    "__version__",
+    "distance",
+    "reward_targets",
+    "wrap",
+]

@@ -1,0 +1,96 @@
+"""Conformal p-values: turning an OOD score into a calibrated per-sample decision.
+
+Given n scores of held-out in-distribution data, the conformal p-value of a new score s is
+
+    p(s) = (1 + #{calibration scores >= s}) / (n + 1)
+
+(Bates et al., "Testing for outliers with conformal p-values", Ann. Statist. 2023). On
+exchangeable in-distribution traffic, flagging ``p <= alpha`` has a false-alarm rate of at
+most alpha. The smallest p-value reachable is ``1 / (n + 1)``, so smaller alphas are refused.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def min_calibration_size(alpha: float) -> int:
+    """Smallest n for which ``p <= alpha`` can ever happen: ``ceil(1 / alpha) - 1``."""
+    return max(math.ceil(1.0 / alpha - 1e-12) - 1, 1)
+
+
+def check_alpha(alpha: float, n: int | None = None) -> float:
+    """Validate a target false-alarm rate, and that n calibration scores can reach it.
+
+    Raises:
+        ValueError: alpha outside (0, 1), or below ``1 / (n + 1)``.
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+        raise ValueError(f"Expected `alpha` in (0, 1), but got {alpha!r}.")
+    if n is not None and alpha < 1.0 / (n + 1):
+        raise ValueError(
+            f"alpha={alpha:g} is below 1/(n+1) = {1.0 / (n + 1):.3g}, the smallest p-value "
+            f"{n} calibration samples can give: no input could ever be flagged. Use at least "
+            f"{min_calibration_size(alpha)} in-distribution calibration samples, or a larger alpha."
+        )
+    return float(alpha)
+
+
+def p_values(scores: Tensor, calibration_sorted: Tensor) -> Tensor:
+    """Conformal p-values of ``scores`` against ascending-sorted calibration scores.
+
+    Args:
+        scores: ``[N]`` scores, higher = more OOD; NaN stays NaN.
+        calibration_sorted: ``[n]`` calibration scores, sorted ascending, on the same device.
+
+    Returns:
+        ``[N]`` p-values in ``[1/(n+1), 1]`` (float64), NaN where the score is NaN.
+    """
+    n = calibration_sorted.numel()
+    s = scores.to(calibration_sorted.dtype)
+    # #{cal >= s} = n - #{cal < s}; searchsorted(side="left") counts #{cal < s}.
+    at_least = n - torch.searchsorted(calibration_sorted, s.contiguous(), side="left")
+    p = (1.0 + at_least.to(torch.float64)) / (n + 1.0)
+    return torch.where(torch.isnan(s), torch.full_like(p, float("nan")), p)
+
+
+def score_threshold(calibration_sorted: Tensor, alpha: float) -> float:
+    """The score above which ``p <= alpha``: flag iff ``score > threshold``.
+
+    ``p(s) <= alpha`` iff ``#{cal >= s} <= m`` with ``m = floor(alpha (n + 1)) - 1``, i.e. iff
+    s exceeds the (m + 1)-th largest calibration score.
+    """
+    n = calibration_sorted.numel()
+    check_alpha(alpha, n)
+    m = math.floor(alpha * (n + 1) + 1e-9) - 1
+    return float(calibration_sorted[n - 1 - m].item())
+
+
+def benjamini_hochberg(p: Tensor, fdr: float) -> Tensor:
+    """Benjamini-Hochberg: which p-values to reject at false discovery rate ``fdr``.
+
+    Controls the expected share of in-distribution samples among the flagged ones, over a
+    batch (conformal p-values are PRDS, so BH applies; Bates et al. 2023). NaN p-values are
+    never rejected and do not count towards the batch size.
+
+    Returns:
+        ``[N]`` bool mask of rejected (flagged) samples.
+    """
+    if not 0 < fdr < 1:
+        raise ValueError(f"Expected `fdr` in (0, 1), but got {fdr!r}.")
+    valid = ~torch.isnan(p)
+    m = valid.sum()
+    filled = torch.where(valid, p, torch.full_like(p, float("inf")))
+    order = torch.argsort(filled)
+    ranked = filled[order]
+    ranks = torch.arange(1, p.numel() + 1, device=p.device, dtype=p.dtype)
+    below = ranked <= fdr * ranks / m.clamp_min(1)
+    # the largest rank k with p_(k) <= fdr * k / m; everything up to it is rejected
+    last = torch.where(below, ranks, torch.zeros_like(ranks)).amax()
+    rejected_sorted = ranks <= last
+    rejected = torch.zeros_like(valid)
+    rejected[order] = rejected_sorted
+    return rejected & valid

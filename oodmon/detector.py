@@ -1,0 +1,305 @@
+"""Detector: an OOD score calibrated on in-distribution data into per-sample decisions.
+
+``Detector(ocs).fit(id_outputs)`` scores held-out in-distribution outputs and keeps them;
+``predict(outputs)`` turns new outputs into a :class:`~oodmon.verdict.Verdict` with conformal
+p-values and flags at the chosen false-alarm rate. A fitted detector saves to plain JSON (no
+pickle) with a format version, and loads on any device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from oodmon import conformal
+from oodmon.errors import FormatVersionError, NotFittedError
+from oodmon.ocs import OCS
+from oodmon.scores import INPUT_KINDS, InputKind, check_score, default_score, distance
+from oodmon.verdict import Verdict
+
+#: Version of the JSON layout written by :meth:`Detector.save`.
+DETECTOR_FORMAT_VERSION = 1
+
+
+class Detector:
+    """Flags outputs whose score is unusually OOD compared with in-distribution data.
+
+    Args:
+        ocs: the optimal constant solution of the model's training loss.
+        score: a name from :data:`oodmon.scores.SCORES`; by default ``"ocs_kl"`` for
+            classifiers and ``"ocs_distance"`` for other heads.
+        alpha: target false-alarm rate on in-distribution traffic, in (0, 1).
+        kind: what the model outputs: ``"logits"`` (raw outputs), ``"probs"`` or ``"log_probs"``.
+        temperature: temperature for the energy score.
+
+    Fitted attributes (set by :meth:`fit`):
+        calibration_scores_: ``[n]`` float64 calibration scores, sorted ascending.
+        n_calibration_: n, after dropping invalid rows.
+        n_dropped_: calibration rows dropped because they were NaN/inf.
+        threshold_: flag iff ``score > threshold_`` (equivalently ``p_value <= alpha``).
+        calibration_hash_: short hash of the calibration scores, to tie metrics and label-queue
+            items to the exact calibration they were judged by.
+    """
+
+    def __init__(
+        self,
+        ocs: OCS,
+        score: str | None = None,
+        alpha: float = 0.05,
+        kind: InputKind = "logits",
+        temperature: float = 1.0,
+    ) -> None:
+        if not isinstance(ocs, OCS):
+            raise ValueError(f"Expected `ocs` to be an oodmon.OCS, but got {type(ocs).__name__}.")
+        if kind not in INPUT_KINDS:
+            raise ValueError(f"Expected `kind` to be one of {INPUT_KINDS}, but got {kind!r}.")
+        self.ocs = ocs
+        self.score = score if score is not None else default_score(ocs)
+        self.alpha = conformal.check_alpha(alpha)
+        self.kind: InputKind = kind
+        self.temperature = float(temperature)
+        self._spec = check_score(self.score, ocs, kind)
+        self._device_cache: dict[tuple[torch.device, torch.dtype], Tensor] = {}
+
+    # ------------------------------------------------------------------ fitting
+
+    @property
+    def is_fitted(self) -> bool:
+        return hasattr(self, "calibration_scores_")
+
+    @property
+    def num_outputs(self) -> int:
+        """Output width the detector expects."""
+        return self.ocs.num_outputs
+
+    def fit(self, id_outputs: Any) -> Detector:
+        """Calibrate on held-out in-distribution outputs (not the training set).
+
+        Args:
+            id_outputs: ``[n, num_outputs]`` outputs of the model on in-distribution data
+                it was not trained on (tensor or array).
+
+        Returns:
+            self.
+
+        Raises:
+            ValueError: wrong width, no valid rows, or too few rows for ``alpha``.
+        """
+        x = self._check_outputs(id_outputs)
+        scores = self._score(x).detach().to("cpu", torch.float64)
+        valid = ~torch.isnan(scores)
+        n_valid = int(valid.sum().item())
+        if n_valid == 0:
+            raise ValueError(
+                "Expected finite in-distribution outputs to calibrate on, "
+                "but every row was NaN/inf."
+            )
+        conformal.check_alpha(self.alpha, n_valid)
+        self._set_calibration(torch.sort(scores[valid]).values, dropped=int((~valid).sum().item()))
+        return self
+
+    def _set_calibration(self, sorted_scores: Tensor, dropped: int) -> None:
+        self.calibration_scores_ = sorted_scores
+        self.n_calibration_ = int(sorted_scores.numel())
+        self.n_dropped_ = dropped
+        self.threshold_ = conformal.score_threshold(sorted_scores, self.alpha)
+        digest = hashlib.sha256(sorted_scores.numpy().astype("<f8").tobytes())
+        digest.update(json.dumps(self._config(), sort_keys=True).encode())
+        self.calibration_hash_ = digest.hexdigest()[:16]
+        self._device_cache = {}
+
+    def with_alpha(self, alpha: float) -> Detector:
+        """The same calibration at another false-alarm rate (no refit needed)."""
+        self._require_fitted("with_alpha")
+        other = Detector(self.ocs, self.score, alpha, self.kind, self.temperature)
+        conformal.check_alpha(alpha, self.n_calibration_)
+        other._set_calibration(self.calibration_scores_, self.n_dropped_)
+        return other
+
+    # ------------------------------------------------------------------ prediction
+
+    def score_outputs(self, outputs: Any) -> Tensor:
+        """``[N]`` scores (higher = more OOD), on the outputs' device; NaN for invalid rows."""
+        return self._score(self._check_outputs(outputs))
+
+    def p_values(self, scores: Tensor) -> Tensor:
+        """Conformal p-values ``[N]`` (float64) for scores from :meth:`score_outputs`."""
+        self._require_fitted("p_values")
+        return conformal.p_values(scores, self._calibration_on(scores.device))
+
+    def predict(self, outputs: Any) -> Verdict:
+        """Score, p-value and flag every row of a batch of outputs.
+
+        Args:
+            outputs: ``[N, num_outputs]`` (or ``[num_outputs]``) tensor or array.
+
+        Returns:
+            A Verdict whose tensors live on the outputs' device.
+
+        Raises:
+            NotFittedError: before :meth:`fit`.
+            ValueError: the output width does not match the detector.
+        """
+        self._require_fitted("predict")
+        x = self._check_outputs(outputs)
+        score = self._score(x)
+        # the OCS scores are negated distances already: don't compute them twice
+        if self.score in ("ocs_kl", "ocs_distance"):
+            dist = -score
+        else:
+            dist = distance(x, self.ocs, self.kind)
+        p = conformal.p_values(score, self._calibration_on(score.device))
+        invalid = torch.isnan(score)
+        flag = (p <= self.alpha) & ~invalid
+        return Verdict(
+            score=score,
+            distance=dist,
+            p_value=p,
+            flag=flag,
+            invalid=invalid,
+            predicted=self._predicted(x),
+        )
+
+    def _predicted(self, x: Tensor) -> Tensor:
+        if self.ocs.loss in ("cross_entropy", "reward_prediction"):
+            return x.argmax(dim=-1)
+        return torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device)
+
+    def _score(self, x: Tensor) -> Tensor:
+        return self._spec.compute(x, self.ocs, self.kind, self.temperature)
+
+    def _check_outputs(self, outputs: Any) -> Tensor:
+        x = outputs if isinstance(outputs, Tensor) else torch.as_tensor(np.asarray(outputs))
+        if x.ndim == 1:
+            x = x.unsqueeze(0)
+        if x.ndim != 2:
+            raise ValueError(
+                f"Expected outputs of shape [N, {self.num_outputs}], "
+                f"but got shape {tuple(x.shape)}."
+            )
+        if x.shape[1] != self.num_outputs:
+            raise ValueError(
+                f"Expected outputs with {self.num_outputs} columns (the detector's OCS has "
+                f"{self.num_outputs} outputs), but got {x.shape[1]}: is this the model the "
+                "detector was calibrated for?"
+            )
+        return x.detach()
+
+    def _calibration_on(self, device: torch.device) -> Tensor:
+        key = (device, torch.float64)
+        cached = self._device_cache.get(key)
+        if cached is None:
+            cached = self.calibration_scores_.to(device)
+            self._device_cache[key] = cached
+        return cached
+
+    def _require_fitted(self, method: str) -> None:
+        if not self.is_fitted:
+            raise NotFittedError(
+                f"This Detector is not fitted yet: call `fit(id_outputs)` with held-out "
+                f"in-distribution outputs (or `Detector.load(path)`) before `{method}`."
+            )
+
+    # ------------------------------------------------------------------ persistence
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            "score": self.score,
+            "alpha": self.alpha,
+            "kind": self.kind,
+            "temperature": self.temperature,
+            "ocs": self.ocs.to_dict(),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict with a format version. Requires a fitted detector."""
+        self._require_fitted("to_dict")
+        return {
+            "format": "oodmon.detector",
+            "format_version": DETECTOR_FORMAT_VERSION,
+            **self._config(),
+            "calibration": {
+                "n": self.n_calibration_,
+                "dropped": self.n_dropped_,
+                "hash": self.calibration_hash_,
+                "threshold": self.threshold_,
+                "scores": self.calibration_scores_.tolist(),
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Detector:
+        """Inverse of :meth:`to_dict`.
+
+        Raises:
+            FormatVersionError: written by another format version.
+            ValueError: not a detector dict, or a corrupted one.
+        """
+        if not isinstance(data, dict) or data.get("format") != "oodmon.detector":
+            raise ValueError(
+                "Expected a detector written by `Detector.save` (format 'oodmon.detector')."
+            )
+        version = data.get("format_version")
+        if version != DETECTOR_FORMAT_VERSION:
+            raise FormatVersionError(
+                f"Expected detector format version {DETECTOR_FORMAT_VERSION}, but the file has "
+                f"{version!r}; recalibrate with `oodmon calibrate` using this oodmon version."
+            )
+        try:
+            detector = cls(
+                OCS.from_dict(data["ocs"]),
+                score=data["score"],
+                alpha=data["alpha"],
+                kind=data["kind"],
+                temperature=data.get("temperature", 1.0),
+            )
+            cal = data["calibration"]
+            scores = torch.tensor(cal["scores"], dtype=torch.float64)
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"The detector dict is incomplete or corrupted: {err!r}.") from err
+        if scores.numel() != cal["n"] or not bool((scores[1:] >= scores[:-1]).all()):
+            raise ValueError("The detector's calibration scores are corrupted (count or order).")
+        detector._set_calibration(scores, dropped=int(cal.get("dropped", 0)))
+        if detector.calibration_hash_ != cal.get("hash"):
+            raise ValueError(
+                "The detector's calibration hash does not match its scores: the file was edited "
+                "or corrupted; recalibrate."
+            )
+        return detector
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write JSON atomically (a crash never leaves a half-written detector)."""
+        target = Path(path)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        os.replace(tmp, target)
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Detector:
+        """Read a detector saved with :meth:`save`; tensors land on the CPU and move lazily.
+
+        Raises:
+            FileNotFoundError: no such file.
+            ValueError: not valid JSON or not a detector (FormatVersionError for old formats).
+        """
+        text = Path(path).read_text()
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
+        return cls.from_dict(data)
+
+    def __repr__(self) -> str:
+        fitted = f", n_calibration={self.n_calibration_}" if self.is_fitted else ", not fitted"
+        return (
+            f"Detector(loss={self.ocs.loss!r}, score={self.score!r}, alpha={self.alpha:g}, "
+            f"kind={self.kind!r}{fitted})"
+        )

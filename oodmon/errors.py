@@ -1,0 +1,19 @@
+"""Exceptions that oodmon raises on purpose.
+
+Every error a user can trigger with bad input is a ``ValueError`` (or a subclass) whose
+message says what was expected, what came, and what to do.
+"""
+
+from __future__ import annotations
+
+
+class OodmonError(Exception):
+    """Base class for oodmon's own errors."""
+
+
+class NotFittedError(OodmonError, ValueError):
+    """A fitted object was used before ``fit`` was called."""
+
+
+class FormatVersionError(OodmonError, ValueError):
+    """A saved file or database was written by an incompatible oodmon format version."""

@@ -1,0 +1,405 @@
+"""OOD scores: pure, batched functions of model outputs, one value per sample.
+
+Sign convention (the only one in oodmon): **higher score = more out-of-distribution.**
+Distances to the optimal constant solution (OCS) are therefore negated when used as scores:
+an output close to the OCS is the OOD signal. Every score registered in :data:`SCORES` obeys
+this, and a contract test checks it.
+
+Inputs are raw outputs ("logits") unless the caller says ``kind="probs"`` or
+``kind="log_probs"``; oodmon never guesses. Rows containing NaN or inf give NaN, which later
+stages treat as invalid, never as in-distribution. Half-precision inputs are computed in
+float32. Nothing here synchronises with the device or loops over samples in Python.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from oodmon.ocs import OCS
+
+InputKind = Literal["logits", "probs", "log_probs"]
+INPUT_KINDS: tuple[str, ...] = ("logits", "probs", "log_probs")
+
+
+# ---------------------------------------------------------------------- input handling
+
+
+def _as_batch(outputs: Tensor) -> Tensor:
+    """``[N, K]`` floating tensor, upcast from half precision (no copy otherwise)."""
+    if not isinstance(outputs, Tensor):
+        outputs = torch.as_tensor(outputs)
+    if outputs.ndim == 1:
+        outputs = outputs.unsqueeze(0)
+    if outputs.ndim != 2:
+        raise ValueError(f"Expected outputs of shape [N, K], but got shape {tuple(outputs.shape)}.")
+    if not outputs.is_floating_point() or outputs.dtype in (torch.float16, torch.bfloat16):
+        outputs = outputs.to(torch.float32)
+    return outputs.detach()
+
+
+def _check_kind(kind: str, allowed: tuple[str, ...] = INPUT_KINDS) -> None:
+    if kind not in allowed:
+        raise ValueError(f"Expected `kind` to be one of {allowed}, but got {kind!r}.")
+
+
+def _log_probs(x: Tensor, kind: str) -> Tensor:
+    """Log class probabilities ``[N, K]`` from logits, probabilities or log-probabilities."""
+    if kind == "logits":
+        return torch.log_softmax(x, dim=-1)
+    if kind == "probs":
+        return torch.log(x)
+    return x
+
+
+def _zero_log0(log_p: Tensor, kind: str) -> Tensor:
+    """Make ``p * log p`` vanish where ``p = 0`` (only probability inputs can hold exact zeros;
+    log_softmax of finite logits is always finite, so logits skip this pass)."""
+    if kind == "logits":
+        return log_p
+    return torch.where(torch.isneginf(log_p), torch.zeros_like(log_p), log_p)
+
+
+def _invalidate(score: Tensor, x: Tensor) -> Tensor:
+    """NaN where a row of ``x`` holds NaN or inf (one cheap reduction, no host sync)."""
+    finite = torch.isfinite(x.sum(dim=-1))
+    return torch.where(finite, score, torch.full_like(score, float("nan")))
+
+
+def _check_width(x: Tensor, ocs: OCS) -> None:
+    if x.shape[-1] != ocs.num_outputs:
+        raise ValueError(
+            f"Expected outputs with {ocs.num_outputs} columns (the OCS has "
+            f"{ocs.num_outputs} outputs), but got {x.shape[-1]}."
+        )
+
+
+# ---------------------------------------------------------------------- baselines
+
+
+def msp(outputs: Tensor, kind: InputKind = "logits") -> Tensor:
+    """Negated maximum softmax probability (Hendrycks and Gimpel, 2017): ``-max_k p_k``.
+
+    Args:
+        outputs: ``[N, K]`` logits (or probabilities / log-probabilities per ``kind``).
+
+    Returns:
+        ``[N]`` score in ``[-1, -1/K]``; higher = more OOD.
+    """
+    _check_kind(kind)
+    x = _as_batch(outputs)
+    top = x.amax(dim=-1) if kind == "probs" else _log_probs(x, kind).amax(dim=-1).exp()
+    return _invalidate(-top, x)
+
+
+def max_logit(outputs: Tensor) -> Tensor:
+    """Negated maximum logit (Hendrycks et al., 2022): ``-max_k z_k``. Logits only.
+
+    Returns:
+        ``[N]`` score; higher = more OOD.
+    """
+    x = _as_batch(outputs)
+    return _invalidate(-x.amax(dim=-1), x)
+
+
+def energy(outputs: Tensor, temperature: float = 1.0) -> Tensor:
+    """Energy score (Liu et al., 2020): ``-T * logsumexp(z / T)``. Logits only.
+
+    Returns:
+        ``[N]`` score; higher = more OOD.
+    """
+    if not temperature > 0:
+        raise ValueError(f"Expected `temperature` > 0, but got {temperature!r}.")
+    x = _as_batch(outputs)
+    scaled = x if temperature == 1.0 else x / temperature
+    return _invalidate(-temperature * torch.logsumexp(scaled, dim=-1), x)
+
+
+def entropy(outputs: Tensor, kind: InputKind = "logits") -> Tensor:
+    """Shannon entropy of the predicted distribution, in nats: ``-sum_k p_k log p_k``.
+
+    Returns:
+        ``[N]`` score in ``[0, log K]``; higher = more OOD.
+    """
+    _check_kind(kind)
+    x = _as_batch(outputs)
+    log_p = _log_probs(x, kind)
+    p = x if kind == "probs" else log_p.exp()
+    h = -torch.linalg.vecdot(p, _zero_log0(log_p, kind))
+    return _invalidate(h, x)
+
+
+# ---------------------------------------------------------------------- distances to the OCS
+
+
+def kl_to_ocs(outputs: Tensor, ocs: OCS, kind: InputKind = "logits") -> Tensor:
+    """``KL(p(x) || pi)`` in nats: the paper's distance to the cross-entropy OCS.
+
+    At most ``log(1 / min_k pi_k)``; for uniform ``pi`` over K classes, ``log K - H(p)``.
+
+    Args:
+        outputs: ``[N, K]`` logits (or probabilities / log-probabilities per ``kind``).
+        ocs: a cross-entropy OCS.
+
+    Returns:
+        ``[N]`` non-negative distances; 0 exactly at the OCS.
+    """
+    _check_kind(kind)
+    _require_loss(ocs, ("cross_entropy",), "kl_to_ocs")
+    x = _as_batch(outputs)
+    _check_width(x, ocs)
+    log_p = _log_probs(x, kind)
+    p = x if kind == "probs" else log_p.exp()
+    log_pi = ocs.log_target.to(device=x.device, dtype=x.dtype)
+    # sum_k p_k (log p_k - log pi_k) = p . log p - p @ log pi  (the GEMV avoids a [N, K] temp)
+    kl = torch.linalg.vecdot(p, _zero_log0(log_p, kind)) - p @ log_pi
+    return _invalidate(kl.clamp_min(0.0), x)
+
+
+def reverse_kl_to_ocs(outputs: Tensor, ocs: OCS, kind: InputKind = "logits") -> Tensor:
+    """``KL(pi || p(x))`` in nats, the reverse direction; needs only one logsumexp and a GEMV.
+
+    From logits: ``logsumexp(z) - z @ pi - H(pi)``.
+    """
+    _check_kind(kind)
+    _require_loss(ocs, ("cross_entropy",), "reverse_kl_to_ocs")
+    x = _as_batch(outputs)
+    _check_width(x, ocs)
+    pi = ocs.target.to(device=x.device, dtype=x.dtype)
+    neg_entropy_pi = (pi * torch.log(pi)).sum()
+    if kind == "logits":
+        kl = torch.logsumexp(x, dim=-1) - x @ pi + neg_entropy_pi
+    else:
+        kl = neg_entropy_pi - _log_probs(x, kind) @ pi
+    return _invalidate(kl.clamp_min(0.0), x)
+
+
+def bernoulli_kl_to_ocs(outputs: Tensor, ocs: OCS, kind: InputKind = "logits") -> Tensor:
+    """Per-label Bernoulli KL to the positive rates, summed over labels (multi-label heads).
+
+    ``sum_l q_l log(q_l / r_l) + (1 - q_l) log((1 - q_l) / (1 - r_l))`` with ``q = sigmoid(z)``.
+    ``kind="probs"`` takes per-label probabilities; ``"log_probs"`` is not defined here.
+    """
+    _check_kind(kind, ("logits", "probs"))
+    _require_loss(ocs, ("binary_cross_entropy",), "bernoulli_kl_to_ocs")
+    x = _as_batch(outputs)
+    _check_width(x, ocs)
+    rate = ocs.target.to(device=x.device, dtype=x.dtype)
+    if kind == "logits":
+        log_q, log_not_q = F.logsigmoid(x), F.logsigmoid(-x)
+    else:
+        log_q, log_not_q = torch.log(x), torch.log1p(-x)
+    q, not_q = log_q.exp(), log_not_q.exp()
+    kl = (
+        torch.xlogy(q, q)
+        - q * torch.log(rate)
+        + torch.xlogy(not_q, not_q)
+        - not_q * torch.log1p(-rate)
+    )
+    return _invalidate(kl.sum(dim=-1).clamp_min(0.0), x)
+
+
+def mse_to_ocs(outputs: Tensor, ocs: OCS) -> Tensor:
+    """Mean squared difference to the OCS over all outputs (MSE, reward and custom heads)."""
+    _require_loss(ocs, ("mse", "reward_prediction", "custom"), "mse_to_ocs")
+    x = _as_batch(outputs)
+    _check_width(x, ocs)
+    target = ocs.target.to(device=x.device, dtype=x.dtype)
+    return _invalidate((x - target).square().mean(dim=-1), x)
+
+
+def gaussian_kl_to_ocs(outputs: Tensor, ocs: OCS) -> Tensor:
+    """``KL(N(mu(x), s2(x)) || N(ybar, v))`` summed over the D targets (Gaussian NLL heads).
+
+    The outputs are ``[mean_1..mean_D, var_1..var_D]``; a non-positive variance makes the row
+    NaN (invalid).
+    """
+    _require_loss(ocs, ("gaussian_nll",), "gaussian_kl_to_ocs")
+    x = _as_batch(outputs)
+    _check_width(x, ocs)
+    assert ocs.variance is not None  # a gaussian_nll OCS always has one
+    d = x.shape[-1] // 2
+    mu, s2 = x[:, :d], x[:, d:]
+    mean = ocs.target.to(device=x.device, dtype=x.dtype)
+    var = ocs.variance.to(device=x.device, dtype=x.dtype)
+    s2 = torch.where(s2 > 0, s2, torch.full_like(s2, float("nan")))
+    kl = 0.5 * (torch.log(var / s2) + (s2 + (mu - mean).square()) / var - 1.0)
+    return _invalidate(kl.sum(dim=-1).clamp_min(0.0), x)
+
+
+def distance(
+    outputs: Tensor, ocs: OCS, kind: InputKind = "logits", *, reverse: bool = False
+) -> Tensor:
+    """The paper's distance to the OCS, chosen by the OCS's loss.
+
+    ============================  ===============================================
+    loss                          distance
+    ============================  ===============================================
+    cross_entropy                 ``KL(softmax(z) || pi)`` (``reverse=True``: ``KL(pi || p)``)
+    binary_cross_entropy          summed per-label Bernoulli KL
+    mse, reward_prediction,       mean squared difference to the OCS
+    custom
+    gaussian_nll                  ``KL(N(mu, s2) || N(ybar, v))``
+    ============================  ===============================================
+
+    Args:
+        outputs: ``[N, num_outputs]`` model outputs (a ``[num_outputs]`` vector is one row).
+        ocs: the optimal constant solution of the training loss.
+        kind: what ``outputs`` hold, for probability heads.
+        reverse: use ``KL(OCS || output)`` (cross-entropy only).
+
+    Returns:
+        ``[N]`` non-negative distances (0 at the OCS); NaN for rows with NaN/inf.
+    """
+    if reverse and ocs.loss != "cross_entropy":
+        raise ValueError(
+            f"Expected a cross-entropy OCS with `reverse=True`, but got loss {ocs.loss!r}."
+        )
+    if ocs.loss == "cross_entropy":
+        return reverse_kl_to_ocs(outputs, ocs, kind) if reverse else kl_to_ocs(outputs, ocs, kind)
+    if ocs.loss == "binary_cross_entropy":
+        return bernoulli_kl_to_ocs(outputs, ocs, kind)
+    if ocs.loss == "gaussian_nll":
+        return gaussian_kl_to_ocs(outputs, ocs)
+    return mse_to_ocs(outputs, ocs)
+
+
+def _require_loss(ocs: OCS, losses: tuple[str, ...], name: str) -> None:
+    if not isinstance(ocs, OCS):
+        raise ValueError(f"Expected `ocs` to be an oodmon.OCS, but got {type(ocs).__name__}.")
+    if ocs.loss not in losses:
+        raise ValueError(
+            f"Expected an OCS for one of {losses} in `{name}`, but got loss {ocs.loss!r}; "
+            "use `oodmon.distance`, which picks the right distance for each loss."
+        )
+
+
+# ---------------------------------------------------------------------- the registry
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """A registered OOD score: how to compute it and what it applies to.
+
+    Attributes:
+        name: registry key, used in Detector JSON and metric labels.
+        compute: ``(outputs, ocs, kind, temperature) -> [N]``, higher = more OOD.
+        losses: OCS losses it applies to.
+        kinds: input kinds it accepts.
+        summary: one line for ``--help`` and docs.
+    """
+
+    name: str
+    compute: Callable[[Tensor, OCS, str, float], Tensor]
+    losses: tuple[str, ...]
+    kinds: tuple[str, ...]
+    summary: str
+
+
+_CLASSIFIER_LOSSES = ("cross_entropy",)
+_ALL_LOSSES = (
+    "cross_entropy",
+    "binary_cross_entropy",
+    "mse",
+    "gaussian_nll",
+    "reward_prediction",
+    "custom",
+)
+
+SCORES: dict[str, ScoreSpec] = {
+    spec.name: spec
+    for spec in (
+        ScoreSpec(
+            "ocs_distance",
+            lambda x, ocs, kind, t: -distance(x, ocs, kind),  # type: ignore[arg-type]
+            _ALL_LOSSES,
+            INPUT_KINDS,
+            "negated distance to the OCS for the OCS's loss (the paper's measure)",
+        ),
+        ScoreSpec(
+            "ocs_kl",
+            lambda x, ocs, kind, t: -kl_to_ocs(x, ocs, kind),  # type: ignore[arg-type]
+            _CLASSIFIER_LOSSES,
+            INPUT_KINDS,
+            "negated KL(p(x) || pi) to the training label marginal",
+        ),
+        ScoreSpec(
+            "ocs_kl_reverse",
+            lambda x, ocs, kind, t: -reverse_kl_to_ocs(x, ocs, kind),  # type: ignore[arg-type]
+            _CLASSIFIER_LOSSES,
+            INPUT_KINDS,
+            "negated KL(pi || p(x))",
+        ),
+        ScoreSpec(
+            "msp",
+            lambda x, ocs, kind, t: msp(x, kind),  # type: ignore[arg-type]
+            _CLASSIFIER_LOSSES,
+            INPUT_KINDS,
+            "negated maximum softmax probability",
+        ),
+        ScoreSpec(
+            "entropy",
+            lambda x, ocs, kind, t: entropy(x, kind),  # type: ignore[arg-type]
+            _CLASSIFIER_LOSSES,
+            INPUT_KINDS,
+            "entropy of the predicted distribution",
+        ),
+        ScoreSpec(
+            "energy",
+            lambda x, ocs, kind, t: energy(x, t),
+            _CLASSIFIER_LOSSES,
+            ("logits",),
+            "negated temperature-scaled logsumexp of the logits",
+        ),
+        ScoreSpec(
+            "max_logit",
+            lambda x, ocs, kind, t: max_logit(x),
+            _CLASSIFIER_LOSSES,
+            ("logits",),
+            "negated maximum logit",
+        ),
+    )
+}
+
+
+def default_score(ocs: OCS) -> str:
+    """The paper's score for this OCS: ``ocs_kl`` for classifiers, ``ocs_distance`` otherwise."""
+    return "ocs_kl" if ocs.loss == "cross_entropy" else "ocs_distance"
+
+
+def check_score(name: str, ocs: OCS, kind: str) -> ScoreSpec:
+    """Look up a score and check that it applies to this OCS and input kind.
+
+    Raises:
+        ValueError: unknown score, or one that does not fit the loss or input kind.
+    """
+    spec = SCORES.get(name)
+    if spec is None:
+        raise ValueError(f"Expected `score` to be one of {sorted(SCORES)}, but got {name!r}.")
+    if ocs.loss not in spec.losses:
+        raise ValueError(
+            f"Score {name!r} applies to {spec.losses} heads, but the OCS is for "
+            f"{ocs.loss!r}; use score='ocs_distance'."
+        )
+    if kind not in spec.kinds:
+        raise ValueError(
+            f"Score {name!r} needs outputs of kind {spec.kinds}, but got kind={kind!r}."
+        )
+    return spec
+
+
+def compute_score(
+    name: str,
+    outputs: Tensor,
+    ocs: OCS,
+    kind: InputKind = "logits",
+    temperature: float = 1.0,
+) -> Tensor:
+    """Compute the registered score ``name`` (higher = more OOD) for a batch of outputs."""
+    spec = check_score(name, ocs, kind)
+    return spec.compute(outputs, ocs, kind, temperature)

@@ -1,0 +1,135 @@
+"""The small interfaces the Monitor feeds, and in-memory versions for tests.
+
+A Monitor hands every observed batch to a :class:`MetricsSink` and the flagged rows to a
+:class:`QueueSink`. Both are called on the inference path, so implementations must be cheap
+and must not block: anything slow (a database, a network) belongs on a background thread.
+The Monitor catches and counts every exception they raise, so a broken sink never breaks
+inference.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from oodmon.verdict import Observation
+
+
+@dataclass(frozen=True)
+class DetectorSummary:
+    """What a sink may want to know about the detector behind a Monitor (bounded values)."""
+
+    model: str
+    version: str
+    score: str
+    alpha: float
+    threshold: float
+    calibration_size: int
+    calibration_hash: str
+    num_outputs: int
+    loss: str
+
+
+@runtime_checkable
+class MetricsSink(Protocol):
+    """Receives every batch the Monitor observes."""
+
+    def describe(self, summary: DetectorSummary) -> None:
+        """Called once when a Monitor is built, before any batch."""
+
+    def record(self, observation: Observation) -> None:
+        """Called once per observed batch (all rows, valid or not)."""
+
+    def record_error(self, model: str, version: str, kind: str) -> None:
+        """Called when monitoring itself failed; ``kind`` is an exception class name."""
+
+    def record_queue(self, model: str, version: str, depth: int | None, dropped: int) -> None:
+        """Called after flagged rows were handed to the queue sink.
+
+        Args:
+            depth: items waiting in the label queue as last seen, or None if unknown.
+            dropped: rows dropped by this hand-over (buffer full), to add to a counter.
+        """
+
+
+@runtime_checkable
+class QueueSink(Protocol):
+    """Receives the flagged rows of each batch, for the label queue."""
+
+    def submit(self, observation: Observation) -> int:
+        """Hand over flagged rows without blocking. Returns how many rows were dropped."""
+
+    def depth(self) -> int | None:
+        """Items waiting in the queue as last seen (no I/O), or None if not known yet."""
+
+    def close(self) -> None:
+        """Flush what is buffered and release resources."""
+
+
+class InMemoryMetrics:
+    """A MetricsSink that keeps plain totals, for tests and for ``Monitor.stats``-like checks."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.summary: DetectorSummary | None = None
+        self.batches = 0
+        self.seen = 0
+        self.flagged = 0
+        self.invalid: dict[str, int] = {}
+        self.errors: dict[str, int] = {}
+        self.queue_depth: int | None = None
+        self.queue_dropped = 0
+
+    def describe(self, summary: DetectorSummary) -> None:
+        self.summary = summary
+
+    def record(self, observation: Observation) -> None:
+        with self._lock:
+            self.batches += 1
+            self.seen += len(observation)
+            self.flagged += int(observation.verdict.flag.sum())
+            for reason, count in observation.invalid_reasons.items():
+                self.invalid[reason] = self.invalid.get(reason, 0) + count
+
+    def record_error(self, model: str, version: str, kind: str) -> None:
+        with self._lock:
+            self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def record_queue(self, model: str, version: str, depth: int | None, dropped: int) -> None:
+        with self._lock:
+            self.queue_depth = depth
+            self.queue_dropped += dropped
+
+
+class InMemoryQueue:
+    """A QueueSink that keeps flagged observations in a bounded list, for tests."""
+
+    def __init__(self, capacity: int = 10_000) -> None:
+        self._lock = threading.Lock()
+        self.capacity = capacity
+        self.observations: list[Observation] = []
+        self.rows = 0
+        self.dropped = 0
+        self.closed = False
+
+    def submit(self, observation: Observation) -> int:
+        with self._lock:
+            n = len(observation)
+            room = max(self.capacity - self.rows, 0)
+            if n > room:
+                self.dropped += n - room
+                if room == 0:
+                    return n
+                import numpy as np
+
+                observation = observation.take(np.arange(room))
+            self.observations.append(observation)
+            self.rows += len(observation)
+            return n - len(observation)
+
+    def depth(self) -> int | None:
+        return self.rows
+
+    def close(self) -> None:
+        self.closed = True

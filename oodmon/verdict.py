@@ -1,0 +1,161 @@
+"""The per-sample answer of a Detector, and its host-side copy that sinks consume.
+
+A :class:`Verdict` holds tensors on the model's device, so that producing it never waits
+for the device. An :class:`Observation` is the same information after the one batched
+device-to-host copy, plus what the Monitor knows about the batch (model, version, inputs,
+ids, timing). Sinks (metrics, label queue, callbacks) only ever see Observations.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+#: Reasons a row can be invalid. The set is closed so that metric labels stay bounded.
+INVALID_REASONS = ("nonfinite", "wrong_width", "wrong_shape")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Per-sample OOD evidence for a batch of N model outputs.
+
+    Attributes:
+        score: ``[N]`` float, the detector's OOD score; higher = more OOD. NaN when invalid.
+        distance: ``[N]`` float, distance to the optimal constant solution (nats for
+            cross-entropy). NaN when invalid. Small distance = close to the OCS = more OOD.
+        p_value: ``[N]`` float in ``(0, 1]``, conformal p-value of the score against the
+            in-distribution calibration set. NaN when invalid.
+        flag: ``[N]`` bool, ``p_value <= alpha``. Invalid rows are never flagged as OOD here;
+            they are reported through ``invalid`` instead.
+        invalid: ``[N]`` bool, the row could not be scored (NaN/inf outputs).
+        predicted: ``[N]`` int64, the model's predicted class (argmax), or -1 where a loss has
+            no notion of class (regression heads).
+    """
+
+    score: Tensor
+    distance: Tensor
+    p_value: Tensor
+    flag: Tensor
+    invalid: Tensor
+    predicted: Tensor
+
+    def __len__(self) -> int:
+        return int(self.score.shape[0])
+
+    def to_host(self) -> HostVerdict:
+        """Copy to host numpy arrays with a single batched device-to-host transfer."""
+        floats = torch.stack(
+            [
+                self.score.to(torch.float64),
+                self.distance.to(torch.float64),
+                self.p_value.to(torch.float64),
+                self.flag.to(torch.float64),
+                self.invalid.to(torch.float64),
+                self.predicted.to(torch.float64),
+            ]
+        )
+        host = floats.cpu().numpy()
+        return HostVerdict(
+            score=host[0],
+            distance=host[1],
+            p_value=host[2],
+            flag=host[3].astype(bool),
+            invalid=host[4].astype(bool),
+            predicted=host[5].astype(np.int64),
+        )
+
+
+@dataclass(frozen=True)
+class HostVerdict:
+    """A :class:`Verdict` as numpy arrays on the host (same fields, same meaning)."""
+
+    score: np.ndarray
+    distance: np.ndarray
+    p_value: np.ndarray
+    flag: np.ndarray
+    invalid: np.ndarray
+    predicted: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.score.shape[0])
+
+    def take(self, index: np.ndarray) -> HostVerdict:
+        """Rows at ``index`` (an integer array or boolean mask)."""
+        return HostVerdict(
+            score=self.score[index],
+            distance=self.distance[index],
+            p_value=self.p_value[index],
+            flag=self.flag[index],
+            invalid=self.invalid[index],
+            predicted=self.predicted[index],
+        )
+
+    @classmethod
+    def all_invalid(cls, n: int) -> HostVerdict:
+        """A verdict for ``n`` rows that could not be scored at all (e.g. wrong width)."""
+        nan = np.full(n, np.nan)
+        return cls(
+            score=nan,
+            distance=nan.copy(),
+            p_value=nan.copy(),
+            flag=np.zeros(n, dtype=bool),
+            invalid=np.ones(n, dtype=bool),
+            predicted=np.full(n, -1, dtype=np.int64),
+        )
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One observed batch as the sinks see it: host arrays plus batch context.
+
+    Attributes:
+        model: model name (bounded: it becomes a metric label).
+        version: model version (bounded: it becomes a metric label).
+        verdict: the per-row evidence on the host.
+        invalid_reasons: count of invalid rows per reason, keys from ``INVALID_REASONS``.
+        scoring_seconds: wall time the Monitor spent scoring this batch.
+        inputs: the caller's inputs for these rows (tensor, array or list), or None.
+        ids: the caller's ids for these rows, or None.
+        timestamp: Unix time at which the batch was observed.
+    """
+
+    model: str
+    version: str
+    verdict: HostVerdict
+    invalid_reasons: dict[str, int] = field(default_factory=dict)
+    scoring_seconds: float = 0.0
+    inputs: Any = None
+    ids: Sequence[str] | None = None
+    timestamp: float = field(default_factory=time.time)
+
+    def __len__(self) -> int:
+        return len(self.verdict)
+
+    def take(self, index: np.ndarray) -> Observation:
+        """The rows at ``index`` (integer array), inputs and ids included."""
+        inputs = self.inputs
+        if inputs is not None:
+            if isinstance(inputs, Tensor):
+                inputs = inputs[torch.as_tensor(index, device=inputs.device, dtype=torch.long)]
+            elif isinstance(inputs, np.ndarray):
+                inputs = inputs[index]
+            else:
+                inputs = [inputs[int(i)] for i in index]
+        ids = None if self.ids is None else [self.ids[int(i)] for i in index]
+        reasons: dict[str, int] = {}
+        return Observation(
+            model=self.model,
+            version=self.version,
+            verdict=self.verdict.take(index),
+            invalid_reasons=reasons,
+            scoring_seconds=self.scoring_seconds,
+            inputs=inputs,
+            ids=ids,
+            timestamp=self.timestamp,
+        )

@@ -1,0 +1,191 @@
+"""Detector and conformal p-values: calibration guarantees, persistence, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import false_discovery_control
+
+from oodmon import OCS, Detector, FormatVersionError, NotFittedError
+from oodmon.conformal import benjamini_hochberg, min_calibration_size, p_values
+
+K = 10
+
+
+def _id_logits(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Exchangeable "in-distribution" logits: one class pushed up, like a trained model."""
+    z = torch.randn(n, K, generator=gen)
+    z[torch.arange(n), torch.randint(0, K, (n,), generator=gen)] += 4.0
+    return z
+
+
+@pytest.fixture(scope="module")
+def ocs() -> OCS:
+    return OCS.cross_entropy(counts=[30, 20, 15, 10, 8, 6, 5, 3, 2, 1])
+
+
+@pytest.fixture(scope="module")
+def fitted(ocs: OCS) -> Detector:
+    return Detector(ocs, alpha=0.05).fit(_id_logits(999, torch.Generator().manual_seed(0)))
+
+
+def test_p_values_match_brute_force(fitted: Detector) -> None:
+    z = _id_logits(300, torch.Generator().manual_seed(1))
+    verdict = fitted.predict(z)
+    cal = fitted.calibration_scores_.numpy()
+    s = verdict.score.double().numpy()
+    expected = (1 + (cal[None, :] >= s[:, None]).sum(1)) / (cal.size + 1)
+    np.testing.assert_allclose(verdict.p_value.numpy(), expected)
+    assert torch.equal(verdict.flag, verdict.p_value <= 0.05)
+    assert torch.equal(verdict.flag, verdict.score.double() > fitted.threshold_)
+    torch.testing.assert_close(verdict.distance, -verdict.score)
+
+
+def test_ties_count_as_at_least_as_ood() -> None:
+    cal = torch.tensor([1.0, 2.0, 2.0, 3.0], dtype=torch.float64)
+    p = p_values(torch.tensor([2.0, 3.5, 0.0, float("nan")]), cal)
+    torch.testing.assert_close(p[:3], torch.tensor([4 / 5, 1 / 5, 5 / 5], dtype=torch.float64))
+    assert torch.isnan(p[3])
+
+
+@pytest.mark.parametrize("alpha", [0.01, 0.05, 0.1, 0.25])
+def test_false_alarm_rate_is_at_most_alpha(ocs: OCS, alpha: float) -> None:
+    """On exchangeable in-distribution data the flag rate stays <= alpha (within sampling error),
+    and conformal calibration is nearly exact, so it is not far below either."""
+    n_cal, n_test, repeats = 499, 400, 60
+    rates = []
+    for seed in range(repeats):
+        gen = torch.Generator().manual_seed(1000 + seed)
+        data = _id_logits(n_cal + n_test, gen)
+        detector = Detector(ocs, alpha=alpha).fit(data[:n_cal])
+        rates.append(detector.predict(data[n_cal:]).flag.double().mean().item())
+    mean = float(np.mean(rates))
+    # Var of the flag rate: Beta-distributed coverage (calibration) + binomial test noise.
+    se = np.sqrt(alpha * (1 - alpha) * (1 / (n_cal + 2) + 1 / n_test) / repeats)
+    exact = np.floor(alpha * (n_cal + 1)) / (n_cal + 1)
+    assert mean <= alpha + 3 * se
+    assert mean >= exact - 3 * se
+
+
+def test_shifted_data_is_flagged(fitted: Detector, ocs: OCS) -> None:
+    near_ocs = ocs.log_target.float().expand(50, K) + 0.05 * torch.randn(50, K)
+    assert fitted.predict(near_ocs).flag.float().mean() > 0.9
+
+
+def test_alpha_below_reachable_is_refused(ocs: OCS) -> None:
+    data = _id_logits(50, torch.Generator().manual_seed(2))
+    with pytest.raises(ValueError, match=r"below 1/\(n\+1\).*at least 99 in-distribution"):
+        Detector(ocs, alpha=0.01).fit(data)
+    assert min_calibration_size(0.01) == 99
+    Detector(ocs, alpha=0.01).fit(_id_logits(99, torch.Generator().manual_seed(2)))
+    with pytest.raises(ValueError, match=r"`alpha` in \(0, 1\)"):
+        Detector(ocs, alpha=0.0)
+
+
+def test_use_before_fit_says_what_to_call(ocs: OCS) -> None:
+    with pytest.raises(NotFittedError, match=r"call `fit\(id_outputs\)`"):
+        Detector(ocs).predict(torch.zeros(1, K))
+    with pytest.raises(NotFittedError):
+        Detector(ocs).save("never.json")
+
+
+def test_class_count_mismatch_names_both_sizes(fitted: Detector) -> None:
+    with pytest.raises(ValueError, match="10 columns.*but got 7"):
+        fitted.predict(torch.zeros(3, 7))
+    with pytest.raises(ValueError, match="10 columns.*but got 7"):
+        Detector(fitted.ocs).fit(torch.zeros(200, 7))
+
+
+def test_invalid_rows_are_never_in_distribution(fitted: Detector) -> None:
+    z = _id_logits(4, torch.Generator().manual_seed(3))
+    z[2, 0] = float("nan")
+    verdict = fitted.predict(z)
+    assert verdict.invalid.tolist() == [False, False, True, False]
+    assert not verdict.flag[2]
+    assert torch.isnan(verdict.p_value[2]) and torch.isnan(verdict.distance[2])
+
+
+def test_calibration_drops_invalid_rows(ocs: OCS) -> None:
+    data = _id_logits(300, torch.Generator().manual_seed(4))
+    data[:5, 0] = float("inf")
+    detector = Detector(ocs).fit(data)
+    assert detector.n_calibration_ == 295 and detector.n_dropped_ == 5
+    with pytest.raises(ValueError, match="every row was NaN"):
+        Detector(ocs).fit(torch.full((30, K), float("nan")))
+
+
+@pytest.mark.parametrize(
+    "score", ["ocs_kl", "ocs_kl_reverse", "msp", "energy", "entropy", "max_logit"]
+)
+def test_json_round_trip_gives_identical_verdicts(ocs: OCS, score: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    gen = torch.Generator().manual_seed(5)
+    detector = Detector(ocs, score=score, alpha=0.1, temperature=1.5).fit(_id_logits(400, gen))
+    path = detector.save(tmp_path / "detector.json")
+    loaded = Detector.load(path)
+    z = _id_logits(200, gen)
+    a, b = detector.predict(z), loaded.predict(z)
+    for field in ("score", "distance", "p_value", "flag", "invalid", "predicted"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert loaded.calibration_hash_ == detector.calibration_hash_
+    assert json.loads(path.read_text())["format_version"] == 1
+
+
+def test_loading_bad_files_is_explained(fitted: Detector, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    data = fitted.to_dict()
+    old = dict(data, format_version=0)
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(FormatVersionError, match="recalibrate"):
+        Detector.load(tmp_path / "old.json")
+    edited = json.loads(json.dumps(data))
+    edited["calibration"]["scores"][0] -= 1.0
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match="hash does not match"):
+        Detector.load(tmp_path / "edited.json")
+    (tmp_path / "junk.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        Detector.load(tmp_path / "junk.json")
+    with pytest.raises(FileNotFoundError):
+        Detector.load(tmp_path / "missing.json")
+
+
+def test_with_alpha_reuses_calibration(fitted: Detector) -> None:
+    looser = fitted.with_alpha(0.2)
+    z = _id_logits(500, torch.Generator().manual_seed(6))
+    assert torch.equal(looser.predict(z).p_value, fitted.predict(z).p_value)
+    assert looser.predict(z).flag.sum() >= fitted.predict(z).flag.sum()
+
+
+def test_numpy_probabilities(ocs: OCS) -> None:
+    gen = torch.Generator().manual_seed(7)
+    probs = _id_logits(300, gen).softmax(-1).numpy()
+    detector = Detector(ocs, kind="probs").fit(probs[:200])
+    from_logits = Detector(ocs).fit(np.log(probs[:200]))
+    torch.testing.assert_close(
+        detector.predict(probs[200:]).p_value, from_logits.predict(np.log(probs[200:])).p_value
+    )
+
+
+def test_regression_head_detector() -> None:
+    gen = torch.Generator().manual_seed(8)
+    targets = torch.randn(500, 2, generator=gen) * 3
+    ocs = OCS.mse(targets)
+    outputs = targets + torch.randn(500, 2, generator=gen) * 0.5  # a decent regressor
+    detector = Detector(ocs).fit(outputs[:300])
+    assert detector.score == "ocs_distance"
+    verdict = detector.predict(ocs.target.float().expand(20, 2))
+    assert verdict.flag.all() and (verdict.predicted == -1).all()
+
+
+def test_benjamini_hochberg_matches_scipy() -> None:
+    gen = np.random.default_rng(9)
+    p = np.concatenate([gen.uniform(size=200), gen.uniform(0, 0.002, size=20)])
+    p[5] = np.nan
+    ours = benjamini_hochberg(torch.tensor(p), 0.1).numpy()
+    valid = ~np.isnan(p)
+    reference = np.zeros_like(ours)
+    reference[valid] = false_discovery_control(p[valid], method="bh") <= 0.1
+    assert ours.sum() >= 20
+    np.testing.assert_array_equal(ours, reference)

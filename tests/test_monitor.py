@@ -1,0 +1,190 @@
+"""Monitor: statistics, sinks, never breaking the caller, background scoring."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from conftest import NUM_CLASSES, id_logits
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from oodmon import Detector, Observation
+from oodmon.monitor import Monitor, _FlagWindow
+from oodmon.sinks import InMemoryMetrics, InMemoryQueue, MetricsSink, QueueSink
+
+
+def near_ocs(detector: Detector, n: int) -> torch.Tensor:
+    return detector.ocs.log_target.float().expand(n, NUM_CLASSES).clone()
+
+
+def test_observe_counts_and_feeds_sinks(detector: Detector) -> None:
+    metrics, queue, flagged_batches = InMemoryMetrics(), InMemoryQueue(), []
+    assert isinstance(metrics, MetricsSink) and isinstance(queue, QueueSink)
+    monitor = Monitor(detector, "m", "1", metrics, queue, on_flag=flagged_batches.append)
+    z = torch.cat([id_logits(90, seed=1), near_ocs(detector, 10)])
+    inputs = torch.arange(100).float().unsqueeze(1)
+    ids = [f"req-{i}" for i in range(100)]
+    verdict = monitor.observe(z, inputs=inputs, ids=ids)
+    assert verdict is not None and torch.equal(verdict.flag, detector.predict(z).flag)
+    n_flagged = int(verdict.flag.sum())
+    assert n_flagged >= 10
+    stats = monitor.stats()
+    assert (stats.seen, stats.flagged, stats.errors_total, stats.invalid_total) == (
+        100,
+        n_flagged,
+        0,
+        0,
+    )
+    assert metrics.seen == 100 and metrics.flagged == n_flagged
+    assert (
+        metrics.summary is not None
+        and metrics.summary.calibration_hash == detector.calibration_hash_
+    )
+    assert queue.rows == n_flagged and metrics.queue_depth == n_flagged
+    (batch,) = flagged_batches
+    flagged_rows = np.flatnonzero(verdict.flag.numpy())
+    assert batch.ids == [ids[i] for i in flagged_rows]
+    assert torch.equal(batch.inputs.squeeze(1), torch.tensor(flagged_rows, dtype=torch.float32))
+    assert batch.verdict.flag.all()
+
+
+def test_numpy_probabilities_from_any_framework(ocs) -> None:  # type: ignore[no-untyped-def]
+    detector = Detector(ocs, kind="probs").fit(id_logits(500, seed=2).softmax(-1).numpy())
+    monitor = Monitor(detector, "sklearn", "1")
+    verdict = monitor.observe(id_logits(20, seed=3).softmax(-1).numpy())
+    assert verdict is not None and len(verdict) == 20
+    single = monitor.observe(np.full(NUM_CLASSES, 0.1))  # one row as a vector
+    assert single is not None and len(single) == 1
+    assert monitor.stats().seen == 21
+
+
+def test_invalid_outputs_are_counted_not_raised(detector: Detector) -> None:
+    metrics = InMemoryMetrics()
+    monitor = Monitor(detector, "m", "1", metrics)
+    z = id_logits(5, seed=4)
+    z[1, 2] = float("nan")
+    z[3, 0] = float("inf")
+    verdict = monitor.observe(z)
+    assert verdict is not None and verdict.invalid.tolist() == [False, True, False, True, False]
+    assert monitor.observe(torch.zeros(4, 7)) is None
+    assert monitor.observe(torch.zeros(2, 3, NUM_CLASSES)) is None
+    stats = monitor.stats()
+    assert stats.invalid == {"nonfinite": 2, "wrong_width": 4, "wrong_shape": 2}
+    assert stats.seen == 11 and stats.errors_total == 0
+    assert metrics.invalid == stats.invalid
+    assert stats.window_size == 3  # only valid rows enter the flag-rate window
+
+
+class Boom(RuntimeError):
+    pass
+
+
+class BrokenMetrics(InMemoryMetrics):
+    def record(self, observation: Observation) -> None:
+        raise Boom("metrics backend down")
+
+
+def test_failures_inside_monitoring_never_reach_the_caller(
+    detector: Detector, caplog: pytest.LogCaptureFixture
+) -> None:
+    def bad_on_flag(obs: Observation) -> None:
+        raise KeyError("callback bug")
+
+    class BrokenQueue(InMemoryQueue):
+        def submit(self, observation: Observation) -> int:
+            raise ConnectionError("database unreachable")
+
+    metrics = BrokenMetrics()
+    monitor = Monitor(detector, "m", "1", metrics, BrokenQueue(), on_flag=bad_on_flag)
+    z = torch.cat([id_logits(10, seed=5), near_ocs(detector, 5)])
+    with caplog.at_level(logging.WARNING, logger="oodmon"):
+        for _ in range(3):
+            verdict = monitor.observe(z)
+            assert verdict is not None  # scoring worked; only sinks failed
+    stats = monitor.stats()
+    assert stats.errors == {"Boom": 3, "ConnectionError": 3, "KeyError": 3}
+    assert metrics.errors == stats.errors
+    assert stats.seen == 45  # statistics are kept even when every sink fails
+    assert len([r for r in caplog.records if "failed" in r.getMessage()]) == 3  # once per kind
+
+
+def test_scoring_failure_returns_none_and_strict_reraises(
+    detector: Detector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def explode(outputs: object) -> None:
+        raise Boom("scoring bug")
+
+    monitor = Monitor(detector, "m", "1")
+    monkeypatch.setattr(monitor.detector, "predict", explode)
+    assert monitor.observe(id_logits(3, seed=6)) is None
+    assert monitor.stats().errors == {"Boom": 1}
+    strict = Monitor(detector, "m", "1", strict=True)
+    with pytest.raises(Boom):
+        strict.observe(id_logits(3, seed=6))
+
+
+def test_mismatched_ids_are_an_error_not_a_crash(detector: Detector) -> None:
+    monitor = Monitor(detector, "m", "1")
+    assert monitor.observe(id_logits(3, seed=7), ids=["a"]) is None
+    assert monitor.stats().errors == {"ValueError": 1}
+
+
+def test_submit_scores_in_background_with_exact_totals(detector: Detector) -> None:
+    metrics, queue = InMemoryMetrics(), InMemoryQueue()
+    monitor = Monitor(detector, "m", "1", metrics, queue, linger=0.01)
+    expected_flags = 0
+    for i in range(200):
+        z = id_logits(1 + i % 7, seed=100 + i)
+        if i % 10 == 0:
+            z = near_ocs(detector, 2)
+        expected_flags += int(detector.predict(z).flag.sum())
+        monitor.submit(z, inputs=torch.zeros(len(z), 3))
+        z.add_(100.0)  # the caller reusing its buffer must not change what is scored
+    stats = monitor.stats()
+    rows = sum(2 if i % 10 == 0 else 1 + i % 7 for i in range(200))
+    assert stats.seen == rows and stats.flagged == expected_flags
+    assert metrics.seen == rows and queue.rows == expected_flags
+    assert metrics.batches < 200  # small batches were coalesced
+    monitor.close()
+    assert queue.closed
+    monitor.submit(id_logits(1, seed=0))  # after close: counted, never raised
+    assert monitor.stats(flush=False).errors == {"RuntimeError": 1}
+
+
+def test_backlog_limit_skips_and_counts(detector: Detector) -> None:
+    monitor = Monitor(detector, "m", "1", max_pending=10, linger=0.5)
+    for _ in range(5):
+        monitor.submit(id_logits(4, seed=8))
+    stats = monitor.stats()
+    assert stats.seen + stats.skipped == 20 and stats.skipped >= 8
+
+
+def test_constructor_validation(detector: Detector, ocs) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match="`name`"):
+        Monitor(detector, "", "1")
+    with pytest.raises(ValueError, match="`window`"):
+        Monitor(detector, "m", "1", window=0)
+    with pytest.raises(ValueError, match="not fitted"):
+        Monitor(Detector(ocs), "m", "1")
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    size=st.integers(1, 20),
+    chunks=st.lists(st.lists(st.booleans(), min_size=0, max_size=45), min_size=1, max_size=8),
+)
+def test_flag_window_matches_naive(size: int, chunks: list[list[bool]]) -> None:
+    window, history = _FlagWindow(size), []
+    for chunk in chunks:
+        window.extend(np.array(chunk, dtype=bool))
+        history.extend(chunk)
+    n, rate = window.rate()
+    recent = history[-size:]
+    assert n == len(recent)
+    if recent:
+        assert rate == pytest.approx(np.mean(recent))
+    else:
+        assert np.isnan(rate)
