@@ -50,11 +50,11 @@ def p_values(scores: Tensor, calibration_sorted: Tensor) -> Tensor:
         ``[N]`` p-values in ``[1/(n+1), 1]`` (float64), NaN where the score is NaN.
     """
     n = calibration_sorted.numel()
-    s = scores.to(calibration_sorted.dtype)
+    s = scores.to(calibration_sorted.dtype).contiguous()
     # #{cal >= s} = n - #{cal < s}; searchsorted(side="left") counts #{cal < s}.
-    at_least = n - torch.searchsorted(calibration_sorted, s.contiguous(), side="left")
-    p = (1.0 + at_least.to(torch.float64)) / (n + 1.0)
-    return torch.where(torch.isnan(s), torch.full_like(p, float("nan")), p)
+    below = torch.searchsorted(calibration_sorted, s, side="left")
+    p = (n + 1 - below).to(torch.float64).div_(n + 1.0)
+    return p.add_(s, alpha=0)  # NaN scores give NaN p-values (0 * NaN = NaN)
 
 
 def score_threshold(calibration_sorted: Tensor, alpha: float) -> float:

@@ -80,6 +80,25 @@ class OCS:
         """``log(target)`` for probability-valued OCS (cross-entropy)."""
         return torch.log(self.target)
 
+    def constant_on(self, name: str, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """``target``, ``log_target`` or ``variance`` on a device and dtype, cached.
+
+        Scoring runs per batch; moving (and taking the log of) the same small vector every
+        time would cost a few kernel launches per batch for nothing.
+        """
+        cache: dict[tuple[str, torch.device, torch.dtype], Tensor] = self.__dict__.setdefault(
+            "_constants", {}
+        )
+        key = (name, device, dtype)
+        value = cache.get(key)
+        if value is None:
+            source = getattr(self, name)
+            if source is None:
+                raise ValueError(f"This {self.loss} OCS has no {name}.")
+            value = source.to(device=device, dtype=dtype)
+            cache[key] = value
+        return value
+
     # ------------------------------------------------------------------ constructors
 
     @classmethod

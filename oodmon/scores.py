@@ -66,9 +66,13 @@ def _zero_log0(log_p: Tensor, kind: str) -> Tensor:
 
 
 def _invalidate(score: Tensor, x: Tensor) -> Tensor:
-    """NaN where a row of ``x`` holds NaN or inf (one cheap reduction, no host sync)."""
-    finite = torch.isfinite(x.sum(dim=-1))
-    return torch.where(finite, score, torch.full_like(score, float("nan")))
+    """NaN where a row of ``x`` holds NaN or inf; other rows unchanged, no host sync.
+
+    ``score + 0 * rowsum(x)``: the row sum is NaN or inf exactly when the row holds a
+    non-finite value, and ``0 * inf`` is NaN, so two cheap ops mark those rows. (A finite row
+    whose sum overflows, |logits| ~ 1e38, is marked too; such outputs are broken anyway.)
+    """
+    return score.add(x.sum(dim=-1), alpha=0)
 
 
 def _check_width(x: Tensor, ocs: OCS) -> None:
@@ -155,7 +159,7 @@ def kl_to_ocs(outputs: Tensor, ocs: OCS, kind: InputKind = "logits") -> Tensor:
     _check_width(x, ocs)
     log_p = _log_probs(x, kind)
     p = x if kind == "probs" else log_p.exp()
-    log_pi = ocs.log_target.to(device=x.device, dtype=x.dtype)
+    log_pi = ocs.constant_on("log_target", x.device, x.dtype)
     # sum_k p_k (log p_k - log pi_k) = p . log p - p @ log pi  (the GEMV avoids a [N, K] temp)
     kl = torch.linalg.vecdot(p, _zero_log0(log_p, kind)) - p @ log_pi
     return _invalidate(kl.clamp_min(0.0), x)
@@ -170,8 +174,8 @@ def reverse_kl_to_ocs(outputs: Tensor, ocs: OCS, kind: InputKind = "logits") -> 
     _require_loss(ocs, ("cross_entropy",), "reverse_kl_to_ocs")
     x = _as_batch(outputs)
     _check_width(x, ocs)
-    pi = ocs.target.to(device=x.device, dtype=x.dtype)
-    neg_entropy_pi = (pi * torch.log(pi)).sum()
+    pi = ocs.constant_on("target", x.device, x.dtype)
+    neg_entropy_pi = (pi * ocs.constant_on("log_target", x.device, x.dtype)).sum()
     if kind == "logits":
         kl = torch.logsumexp(x, dim=-1) - x @ pi + neg_entropy_pi
     else:
@@ -189,7 +193,7 @@ def bernoulli_kl_to_ocs(outputs: Tensor, ocs: OCS, kind: InputKind = "logits") -
     _require_loss(ocs, ("binary_cross_entropy",), "bernoulli_kl_to_ocs")
     x = _as_batch(outputs)
     _check_width(x, ocs)
-    rate = ocs.target.to(device=x.device, dtype=x.dtype)
+    rate = ocs.constant_on("target", x.device, x.dtype)
     if kind == "logits":
         log_q, log_not_q = F.logsigmoid(x), F.logsigmoid(-x)
     else:
@@ -209,7 +213,7 @@ def mse_to_ocs(outputs: Tensor, ocs: OCS) -> Tensor:
     _require_loss(ocs, ("mse", "reward_prediction", "custom"), "mse_to_ocs")
     x = _as_batch(outputs)
     _check_width(x, ocs)
-    target = ocs.target.to(device=x.device, dtype=x.dtype)
+    target = ocs.constant_on("target", x.device, x.dtype)
     return _invalidate((x - target).square().mean(dim=-1), x)
 
 
@@ -225,8 +229,8 @@ def gaussian_kl_to_ocs(outputs: Tensor, ocs: OCS) -> Tensor:
     assert ocs.variance is not None  # a gaussian_nll OCS always has one
     d = x.shape[-1] // 2
     mu, s2 = x[:, :d], x[:, d:]
-    mean = ocs.target.to(device=x.device, dtype=x.dtype)
-    var = ocs.variance.to(device=x.device, dtype=x.dtype)
+    mean = ocs.constant_on("target", x.device, x.dtype)
+    var = ocs.constant_on("variance", x.device, x.dtype)
     s2 = torch.where(s2 > 0, s2, torch.full_like(s2, float("nan")))
     kl = 0.5 * (torch.log(var / s2) + (s2 + (mu - mean).square()) / var - 1.0)
     return _invalidate(kl.sum(dim=-1).clamp_min(0.0), x)

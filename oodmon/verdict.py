@@ -49,18 +49,23 @@ class Verdict:
         return int(self.score.shape[0])
 
     def to_host(self) -> HostVerdict:
-        """Copy to host numpy arrays with a single batched device-to-host transfer."""
-        floats = torch.stack(
-            [
-                self.score.to(torch.float64),
-                self.distance.to(torch.float64),
-                self.p_value.to(torch.float64),
-                self.flag.to(torch.float64),
-                self.invalid.to(torch.float64),
-                self.predicted.to(torch.float64),
-            ]
-        )
-        host = floats.cpu().numpy()
+        """Copy to host numpy arrays with at most one batched device-to-host transfer.
+
+        CPU tensors are viewed without copying; device tensors are packed into one float64
+        block and copied once (float64 holds int64 class indices exactly below 2**53).
+        """
+        fields = (self.score, self.distance, self.p_value, self.flag, self.invalid, self.predicted)
+        if self.score.device.type == "cpu":
+            score, distance, p_value, flag, invalid, predicted = (t.numpy() for t in fields)
+            return HostVerdict(
+                score=score.astype(np.float64, copy=False),
+                distance=distance.astype(np.float64, copy=False),
+                p_value=p_value,
+                flag=flag,
+                invalid=invalid,
+                predicted=predicted,
+            )
+        host = torch.stack([t.to(torch.float64) for t in fields]).cpu().numpy()
         return HostVerdict(
             score=host[0],
             distance=host[1],

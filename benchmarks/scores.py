@@ -1,0 +1,90 @@
+"""Score throughput, side by side on the same logits: oodmon vs one log_softmax vs pytorch-ood.
+
+Run:  .venv/bin/python benchmarks/scores.py [--repeats 200]
+
+For each shape, every function is timed in interleaved rounds (so machine noise hits all of
+them alike) and the table reports the median time per call, its interquartile range, and two
+ratios: against one ``torch.log_softmax`` pass over the same logits, and against pytorch-ood's
+implementation of the same score where one exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+import oodmon
+from oodmon import scores as S
+
+SHAPES = [(1024, 1000), (256, 10)]
+
+
+def candidates(ocs: oodmon.OCS) -> list[tuple[str, Callable[[torch.Tensor], object], str | None]]:
+    """(name, oodmon function, name of the pytorch-ood counterpart or None)."""
+    return [
+        ("msp", S.msp, "MaxSoftmax"),
+        ("max_logit", S.max_logit, "MaxLogit"),
+        ("energy", S.energy, "EnergyBased"),
+        ("entropy", S.entropy, "Entropy"),
+        ("ocs_kl (distance)", lambda z: oodmon.distance(z, ocs), None),
+        ("ocs_kl_reverse", lambda z: oodmon.distance(z, ocs, reverse=True), None),
+    ]
+
+
+def time_rounds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():  # warm-up
+        for _ in range(3):
+            fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=200)
+    args = parser.parse_args(argv)
+    try:
+        from pytorch_ood import detector as pood
+    except ImportError:
+        pood = None
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 logits on CPU")
+    for batch, classes in SHAPES:
+        gen = torch.Generator().manual_seed(0)
+        z = torch.randn(batch, classes, generator=gen) * 3
+        counts = torch.randint(1, 100, (classes,), generator=gen)
+        ocs = oodmon.OCS.cross_entropy(counts=counts)
+        fns: dict[str, Callable[[], object]] = {
+            "torch.log_softmax": lambda: torch.log_softmax(z, -1)
+        }
+        pairs: dict[str, str] = {}
+        for name, fn, ref in candidates(ocs):
+            fns[f"oodmon {name}"] = lambda fn=fn: fn(z)
+            if ref is not None and pood is not None:
+                fns[f"pytorch-ood {ref}"] = lambda ref=ref: getattr(pood, ref).score(z)
+                pairs[f"oodmon {name}"] = f"pytorch-ood {ref}"
+        times = time_rounds(fns, args.repeats)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        base = med["torch.log_softmax"]
+        print(f"\nB={batch}, K={classes}")
+        print("| function | median ms | IQR ms | x log_softmax | x pytorch-ood |")
+        print("|---|---:|---:|---:|---:|")
+        for name, values in times.items():
+            q = statistics.quantiles(values, n=4)
+            vs_ref = f"{med[name] / med[pairs[name]]:.2f}" if name in pairs else ""
+            print(
+                f"| {name} | {med[name] * 1e3:.3f} | {(q[2] - q[0]) * 1e3:.3f} "
+                f"| {med[name] / base:.2f} | {vs_ref} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
