@@ -192,6 +192,7 @@ class Monitor:
         if metrics is not None:
             self._guard("describe", metrics.describe, self.summary())
         _live_monitors.add(self)
+        _register_exit_hook()
 
     def summary(self) -> DetectorSummary:
         """What sinks may know about this monitor's detector (all values bounded)."""
@@ -250,13 +251,23 @@ class Monitor:
                 if self._pending_rows + rows > self.max_pending:
                     with self._lock:
                         self._skipped += rows
-                    return
-                self._pending.append(_Pending(x, inputs, ids))
-                self._pending_rows += rows
-                if self._worker is None:
-                    self._start_worker()
-                elif self._worker_idle or self._pending_rows >= self.max_batch_rows:
-                    self._wakeup.notify()  # a lingering worker needs no wake-up per batch
+                    skipped = True
+                else:
+                    skipped = False
+                    self._pending.append(_Pending(x, inputs, ids))
+                    self._pending_rows += rows
+                    if self._worker is None:
+                        self._start_worker()
+                    elif self._worker_idle or self._pending_rows >= self.max_batch_rows:
+                        self._wakeup.notify()  # a lingering worker needs no wake-up per batch
+            if skipped and self.metrics is not None:
+                self._guard(
+                    "metrics.record_skipped",
+                    self.metrics.record_skipped,
+                    self.name,
+                    self.version,
+                    rows,
+                )
         except Exception as err:
             self._record_error("submit", err)
 
@@ -517,9 +528,18 @@ def _concat_ids(chunks: list[Sequence[str] | None], sizes: list[int]) -> list[An
 
 
 _live_monitors: weakref.WeakSet[Monitor] = weakref.WeakSet()
+_exit_hook_registered = False
 
 
-@atexit.register
+def _register_exit_hook() -> None:
+    """Register the exit flush on first use: atexit runs hooks last-in first-out, so monitors
+    (built after their queue sinks) are flushed before the sinks' own exit hooks run."""
+    global _exit_hook_registered
+    if not _exit_hook_registered:
+        atexit.register(_close_live_monitors)
+        _exit_hook_registered = True
+
+
 def _close_live_monitors() -> None:
     """Interpreter exit: score what is pending and flush the queue sinks."""
     for monitor in list(_live_monitors):

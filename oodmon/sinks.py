@@ -44,6 +44,9 @@ class MetricsSink(Protocol):
     def record_error(self, model: str, version: str, kind: str) -> None:
         """Called when monitoring itself failed; ``kind`` is an exception class name."""
 
+    def record_skipped(self, model: str, version: str, rows: int) -> None:
+        """Called when submitted rows are dropped unscored because the backlog is full."""
+
     def record_queue(self, model: str, version: str, depth: int | None, dropped: int) -> None:
         """Called after flagged rows were handed to the queue sink.
 
@@ -78,6 +81,7 @@ class InMemoryMetrics:
         self.flagged = 0
         self.invalid: dict[str, int] = {}
         self.errors: dict[str, int] = {}
+        self.skipped = 0
         self.queue_depth: int | None = None
         self.queue_dropped = 0
 
@@ -95,6 +99,10 @@ class InMemoryMetrics:
     def record_error(self, model: str, version: str, kind: str) -> None:
         with self._lock:
             self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def record_skipped(self, model: str, version: str, rows: int) -> None:
+        with self._lock:
+            self.skipped += rows
 
     def record_queue(self, model: str, version: str, depth: int | None, dropped: int) -> None:
         with self._lock:

@@ -155,11 +155,13 @@ def test_submit_scores_in_background_with_exact_totals(detector: Detector) -> No
 
 
 def test_backlog_limit_skips_and_counts(detector: Detector) -> None:
-    monitor = Monitor(detector, "m", "1", max_pending=10, linger=0.5)
+    metrics = InMemoryMetrics()
+    monitor = Monitor(detector, "m", "1", metrics, max_pending=10, linger=0.5)
     for _ in range(5):
         monitor.submit(id_logits(4, seed=8))
     stats = monitor.stats()
     assert stats.seen + stats.skipped == 20 and stats.skipped >= 8
+    assert metrics.skipped == stats.skipped and metrics.seen == stats.seen
 
 
 def test_constructor_validation(detector: Detector, ocs) -> None:  # type: ignore[no-untyped-def]
