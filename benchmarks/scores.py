@@ -63,13 +63,13 @@ def main(argv: list[str] | None = None) -> None:
         counts = torch.randint(1, 100, (classes,), generator=gen)
         ocs = oodmon.OCS.cross_entropy(counts=counts)
         fns: dict[str, Callable[[], object]] = {
-            "torch.log_softmax": lambda: torch.log_softmax(z, -1)
+            "torch.log_softmax": lambda z=z: torch.log_softmax(z, -1)
         }
         pairs: dict[str, str] = {}
         for name, fn, ref in candidates(ocs):
-            fns[f"oodmon {name}"] = lambda fn=fn: fn(z)
+            fns[f"oodmon {name}"] = lambda fn=fn, z=z: fn(z)
             if ref is not None and pood is not None:
-                fns[f"pytorch-ood {ref}"] = lambda ref=ref: getattr(pood, ref).score(z)
+                fns[f"pytorch-ood {ref}"] = lambda ref=ref, z=z: getattr(pood, ref).score(z)
                 pairs[f"oodmon {name}"] = f"pytorch-ood {ref}"
         times = time_rounds(fns, args.repeats)
         med = {k: statistics.median(v) for k, v in times.items()}

@@ -1,9 +1,343 @@
-"""The ``oodmon`` command line. Placeholder until the CLI issue lands."""
+"""The ``oodmon`` command line.
+
+Exit codes: 0 success; 1 a runtime failure (e.g. an unreachable database); 2 bad usage or bad
+input (a missing file, a malformed argument); 130 interrupted. Errors are one line on stderr,
+never a traceback (``--debug`` shows it).
+"""
+
 from __future__ import annotations
 
+import argparse
+import csv
+import json
 import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+
+from oodmon import __version__
+from oodmon.detector import Detector
+from oodmon.errors import OodmonError
+from oodmon.ocs import LOSSES, OCS
+from oodmon.scores import INPUT_KINDS, SCORES
+from oodmon.verdict import HostVerdict
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
-def main(argv: list[str] | None = None) -> int:
-    print("oodmon: CLI not built yet", file=sys.stderr)
-    return 2
+class UsageError(OodmonError, ValueError):
+    """Bad command-line input (exit code 2)."""
+
+
+# ---------------------------------------------------------------------- file loading
+
+
+def load_array(path: str | Path, what: str, key: str | None = None) -> torch.Tensor:
+    """Load a tensor saved with ``torch.save`` (``.pt``) or ``numpy.save`` (``.npy``).
+
+    Args:
+        path: the file.
+        what: what the file should hold, for error messages ("outputs", "labels").
+        key: for a ``.pt`` file holding a dict, the entry to use.
+
+    Raises:
+        FileNotFoundError: no such file.
+        UsageError: unknown suffix, unreadable file, or not an array.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"{what} file not found: {file}")
+    suffix = file.suffix.lower()
+    try:
+        if suffix == ".npy":
+            data: Any = np.load(file, allow_pickle=False)
+        elif suffix in (".pt", ".pth"):
+            data = torch.load(file, map_location="cpu", weights_only=True)
+        else:
+            raise UsageError(f"Expected a .pt or .npy file for {what}, but got {file.name!r}.")
+    except UsageError:
+        raise
+    except Exception as err:
+        raise UsageError(f"Could not read {what} from {file}: {err}") from err
+    if isinstance(data, dict):
+        if key is None and len(data) == 1:
+            key = next(iter(data))
+        if key not in data:
+            raise UsageError(
+                f"{file} holds a dict with keys {sorted(map(str, data))}; choose one with --key."
+            )
+        data = data[key]
+    if isinstance(data, np.ndarray):
+        return torch.from_numpy(data)
+    if isinstance(data, torch.Tensor):
+        return data
+    raise UsageError(f"Expected an array of {what} in {file}, but found {type(data).__name__}.")
+
+
+def parse_counts(text: str) -> list[int]:
+    """``"50,30,20"`` -> ``[50, 30, 20]``."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as err:
+        raise UsageError(
+            f"Expected --counts as comma-separated integers like 50,30,20, but got {text!r}."
+        ) from err
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def build_ocs(args: argparse.Namespace) -> OCS:
+    """The OCS described by ``calibrate``'s --loss / --labels / --counts / --targets."""
+    loss = args.loss
+    if loss in ("cross_entropy", "reward_prediction"):
+        if (args.labels is None) == (args.counts is None):
+            raise UsageError(
+                f"--loss {loss} needs exactly one of --labels FILE or --counts N,N,..."
+            )
+        labels = None if args.labels is None else load_array(args.labels, "labels")
+        counts = None if args.counts is None else parse_counts(args.counts)
+        num_classes = args.num_classes
+        if labels is not None and num_classes is None:
+            raise UsageError(
+                "--labels needs --num-classes K (classes absent from the labels count)."
+            )
+        if loss == "cross_entropy":
+            return OCS.cross_entropy(
+                labels, num_classes, counts=counts, label_smoothing=args.label_smoothing
+            )
+        return OCS.reward_prediction(labels, num_classes, args.wrong_cost, counts=counts)
+    if args.targets is None:
+        raise UsageError(f"--loss {loss} needs --targets FILE (the training targets).")
+    targets = load_array(args.targets, "targets")
+    if loss == "binary_cross_entropy":
+        return OCS.binary_cross_entropy(targets)
+    if loss == "mse":
+        return OCS.mse(targets)
+    if loss == "gaussian_nll":
+        return OCS.gaussian_nll(targets)
+    raise UsageError(
+        f"--loss {loss} cannot be calibrated from the command line; use OCS.fit in Python."
+    )
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    ocs = build_ocs(args)
+    outputs = load_array(args.outputs, "outputs", args.key)
+    detector = Detector(ocs, score=args.score, alpha=args.alpha, kind=args.kind).fit(outputs)
+    path = detector.save(args.output)
+    print(
+        f"wrote {path}: {detector.ocs.loss} detector, score {detector.score}, alpha "
+        f"{detector.alpha:g}, {detector.n_calibration_} calibration samples"
+        + (f" ({detector.n_dropped_} NaN/inf rows dropped)" if detector.n_dropped_ else "")
+        + f", threshold {detector.threshold_:.6g}, hash {detector.calibration_hash_}"
+    )
+    return EXIT_OK
+
+
+def load_detector(path: str) -> Detector:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"detector file not found: {file}")
+    return Detector.load(file)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    detector = load_detector(args.detector)
+    if args.alpha is not None:
+        detector = detector.with_alpha(args.alpha)
+    outputs = load_array(args.outputs, "outputs", args.key)
+    host = detector.predict(outputs).to_host()
+    fmt = args.format or ("jsonl" if args.output and args.output.endswith(".jsonl") else "csv")
+    if args.output:
+        with open(args.output, "w", newline="") as stream:
+            write_verdicts(host, stream, fmt)
+        print(
+            f"wrote {len(host)} verdicts to {args.output}: {int(host.flag.sum())} flagged, "
+            f"{int(host.invalid.sum())} invalid (alpha {detector.alpha:g})",
+            file=sys.stderr,
+        )
+    else:
+        write_verdicts(host, sys.stdout, fmt)
+    return EXIT_OK
+
+
+VERDICT_COLUMNS = ("index", "score", "distance", "p_value", "flag", "invalid", "predicted")
+
+
+def write_verdicts(host: HostVerdict, stream: TextIO, fmt: str) -> None:
+    """Write one row per sample as CSV (with a header) or JSON lines; NaN becomes empty/null."""
+
+    def value(array: np.ndarray, i: int) -> Any:
+        item = array[i].item()
+        return None if isinstance(item, float) and np.isnan(item) else item
+
+    rows = (
+        {
+            "index": i,
+            "score": value(host.score, i),
+            "distance": value(host.distance, i),
+            "p_value": value(host.p_value, i),
+            "flag": bool(host.flag[i]),
+            "invalid": bool(host.invalid[i]),
+            "predicted": int(host.predicted[i]),
+        }
+        for i in range(len(host))
+    )
+    if fmt == "jsonl":
+        for row in rows:
+            stream.write(json.dumps(row) + "\n")
+        return
+    writer = csv.DictWriter(stream, fieldnames=VERDICT_COLUMNS)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    detector = load_detector(args.detector)
+    if args.json:
+        summary = detector.to_dict()
+        summary["calibration"] = {k: v for k, v in summary["calibration"].items() if k != "scores"}
+        print(json.dumps(summary, indent=2))
+        return EXIT_OK
+    ocs = detector.ocs
+    cal = detector.calibration_scores_.numpy()
+    quantiles = np.quantile(cal, [0.0, 0.05, 0.5, 0.95, 1.0])
+    target = ocs.target.tolist()
+    shown = ", ".join(f"{v:.4g}" for v in target[:12]) + (", ..." if len(target) > 12 else "")
+    lines = [
+        ("file", args.detector),
+        ("loss", ocs.loss),
+        ("outputs", f"{detector.num_outputs} ({detector.kind})"),
+        ("OCS", f"[{shown}]"),
+        ("trained on", f"{ocs.num_train} targets"),
+        ("score", f"{detector.score}  (higher = more OOD)"),
+        ("alpha", f"{detector.alpha:g}  (target false-alarm rate)"),
+        ("calibration", f"{detector.n_calibration_} samples, {detector.n_dropped_} dropped"),
+        ("threshold", f"flag when score > {detector.threshold_:.6g}"),
+        ("score quantiles", "  ".join(f"{q:.4g}" for q in quantiles) + "  (0/5/50/95/100%)"),
+        ("hash", detector.calibration_hash_),
+    ]
+    if ocs.label_smoothing:
+        lines.insert(4, ("label smoothing", f"{ocs.label_smoothing:g}"))
+    width = max(len(k) for k, _ in lines)
+    for key, val in lines:
+        print(f"{key:<{width}}  {val}")
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from oodmon.demo import run_demo
+
+    return run_demo(args)
+
+
+# ---------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="oodmon",
+        description="Out-of-distribution monitor: flags model outputs that revert to the "
+        "optimal constant solution (OCS) of the training loss.",
+        epilog="Exit codes: 0 ok, 1 runtime failure, 2 bad usage or input, 130 interrupted.",
+    )
+    parser.add_argument("--version", action="version", version=f"oodmon {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    cal = sub.add_parser(
+        "calibrate",
+        help="build a Detector JSON from saved in-distribution outputs",
+        description="Fit a Detector on held-out in-distribution model outputs (.pt or .npy) and "
+        "the training labels (or class counts), and save it as JSON.",
+    )
+    cal.add_argument("--outputs", required=True, help="held-out in-distribution outputs [N, K]")
+    cal.add_argument("--key", help="entry to use when a .pt file holds a dict")
+    cal.add_argument(
+        "--loss", choices=[x for x in LOSSES if x != "custom"], default="cross_entropy"
+    )
+    cal.add_argument("--labels", help="training labels [N] (.pt or .npy)")
+    cal.add_argument(
+        "--counts", help="training class counts, comma-separated (instead of --labels)"
+    )
+    cal.add_argument("--num-classes", type=int, help="number of classes K (with --labels)")
+    cal.add_argument("--targets", help="training targets for bce/mse/gaussian_nll heads")
+    cal.add_argument("--label-smoothing", type=float, default=0.0)
+    cal.add_argument("--wrong-cost", type=float, default=4.0, help="reward_prediction: cost c")
+    cal.add_argument(
+        "--score", choices=sorted(SCORES), help="OOD score (default: the OCS distance)"
+    )
+    cal.add_argument("--alpha", type=float, default=0.05, help="target false-alarm rate")
+    cal.add_argument("--kind", choices=INPUT_KINDS, default="logits", help="what the outputs hold")
+    cal.add_argument("-o", "--output", default="detector.json", help="where to write the JSON")
+    cal.set_defaults(handler=cmd_calibrate)
+
+    score = sub.add_parser(
+        "score",
+        help="score saved outputs with a Detector",
+        description="Score saved model outputs with a Detector; write one verdict per row.",
+    )
+    score.add_argument("--detector", required=True, help="Detector JSON from `oodmon calibrate`")
+    score.add_argument("--outputs", required=True, help="model outputs [N, K] (.pt or .npy)")
+    score.add_argument("--key", help="entry to use when a .pt file holds a dict")
+    score.add_argument("--alpha", type=float, help="override the detector's alpha")
+    score.add_argument("--format", choices=["csv", "jsonl"], help="default: from -o, else csv")
+    score.add_argument("-o", "--output", help="file to write (default: stdout)")
+    score.set_defaults(handler=cmd_score)
+
+    inspect = sub.add_parser(
+        "inspect",
+        help="print what a Detector JSON holds",
+        description="Print a Detector's loss, OCS, score, alpha, calibration and threshold.",
+    )
+    inspect.add_argument("detector", help="Detector JSON")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.set_defaults(handler=cmd_inspect)
+
+    from oodmon import queue_cli
+
+    queue_cli.register(sub)
+
+    from oodmon.demo import add_demo_arguments
+
+    demo = sub.add_parser(
+        "demo",
+        help="train, calibrate and monitor an MNIST model end to end (a couple of minutes)",
+        description="The whole product on the embedded MNIST sample: train a small CNN, "
+        "calibrate a Detector, wrap the model with Prometheus metrics and an SQLite label "
+        "queue, stream in-distribution, rotated and noise traffic, and summarise.",
+    )
+    add_demo_arguments(demo)
+    demo.set_defaults(handler=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``oodmon`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        print("oodmon: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        if args.debug:
+            raise
+        code = (
+            EXIT_USAGE
+            if isinstance(err, (ValueError, FileNotFoundError, IsADirectoryError, PermissionError))
+            else EXIT_RUNTIME
+        )
+        message = str(err) or type(err).__name__
+        print(f"oodmon: error: {message}", file=sys.stderr)
+        return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

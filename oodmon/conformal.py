@@ -12,6 +12,7 @@ most alpha. The smallest p-value reachable is ``1 / (n + 1)``, so smaller alphas
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import Tensor
@@ -28,7 +29,7 @@ def check_alpha(alpha: float, n: int | None = None) -> float:
     Raises:
         ValueError: alpha outside (0, 1), or below ``1 / (n + 1)``.
     """
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < 1:
         raise ValueError(f"Expected `alpha` in (0, 1), but got {alpha!r}.")
     if n is not None and alpha < 1.0 / (n + 1):
         raise ValueError(
@@ -50,11 +51,21 @@ def p_values(scores: Tensor, calibration_sorted: Tensor) -> Tensor:
         ``[N]`` p-values in ``[1/(n+1), 1]`` (float64), NaN where the score is NaN.
     """
     n = calibration_sorted.numel()
-    s = scores.to(calibration_sorted.dtype).contiguous()
+    s = finite_scores(scores.to(calibration_sorted.dtype)).contiguous()
     # #{cal >= s} = n - #{cal < s}; searchsorted(side="left") counts #{cal < s}.
     below = torch.searchsorted(calibration_sorted, s, side="left")
     p = (n + 1 - below).to(torch.float64).div_(n + 1.0)
     return p.add_(s, alpha=0)  # NaN scores give NaN p-values (0 * NaN = NaN)
+
+
+#: Infinite scores are legitimate extremes (an exact zero probability under the reverse KL);
+#: they are clamped to the largest float64 so that p-values stay defined and JSON stays plain.
+SCORE_LIMIT = torch.finfo(torch.float64).max
+
+
+def finite_scores(scores: Tensor) -> Tensor:
+    """``scores`` with +-inf clamped to +-``SCORE_LIMIT`` (NaN stays NaN: invalid rows)."""
+    return scores.clamp(-SCORE_LIMIT, SCORE_LIMIT)
 
 
 def score_threshold(calibration_sorted: Tensor, alpha: float) -> float:

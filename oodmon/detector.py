@@ -8,8 +8,10 @@ pickle) with a format version, and loads on any device.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import numbers
 import os
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from torch import Tensor
 from oodmon import conformal
 from oodmon.errors import FormatVersionError, NotFittedError
 from oodmon.ocs import OCS
-from oodmon.scores import INPUT_KINDS, InputKind, check_score, default_score, distance
+from oodmon.scores import INPUT_KINDS, InputKind, ScoreSpec, check_score, default_score, distance
 from oodmon.verdict import Verdict
 
 #: Version of the JSON layout written by :meth:`Detector.save`.
@@ -48,6 +50,18 @@ class Detector:
             items to the exact calibration they were judged by.
     """
 
+    ocs: OCS
+    score: str
+    alpha: float
+    kind: InputKind
+    temperature: float
+    calibration_scores_: Tensor
+    n_calibration_: int
+    n_dropped_: int
+    threshold_: float
+    calibration_hash_: str
+    _spec: ScoreSpec
+
     def __init__(
         self,
         ocs: OCS,
@@ -60,6 +74,12 @@ class Detector:
             raise ValueError(f"Expected `ocs` to be an oodmon.OCS, but got {type(ocs).__name__}.")
         if kind not in INPUT_KINDS:
             raise ValueError(f"Expected `kind` to be one of {INPUT_KINDS}, but got {kind!r}.")
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, numbers.Real)
+            or not 0 < temperature < float("inf")
+        ):
+            raise ValueError(f"Expected `temperature` > 0, but got {temperature!r}.")
         self.ocs = ocs
         self.score = score if score is not None else default_score(ocs)
         self.alpha = conformal.check_alpha(alpha)
@@ -72,7 +92,7 @@ class Detector:
 
     @property
     def is_fitted(self) -> bool:
-        return hasattr(self, "calibration_scores_")
+        return "calibration_scores_" in self.__dict__
 
     @property
     def num_outputs(self) -> int:
@@ -93,10 +113,18 @@ class Detector:
             ValueError: wrong width, no valid rows, or too few rows for ``alpha``.
         """
         x = self._check_outputs(id_outputs)
-        scores = self._score(x).detach().to("cpu", torch.float64)
+        if x.shape[0] == 0:
+            raise ValueError("Expected in-distribution outputs to calibrate on, but got 0 rows.")
+        scores = conformal.finite_scores(self._score(x).detach().to("cpu", torch.float64))
         valid = ~torch.isnan(scores)
         n_valid = int(valid.sum().item())
         if n_valid == 0:
+            if bool(torch.isfinite(x).all()):
+                raise ValueError(
+                    f"Every calibration row scored NaN although the outputs are finite: do they "
+                    f"match kind={self.kind!r}? Probabilities must lie in [0, 1] and "
+                    "log-probabilities be <= 0; raw model outputs are kind='logits'."
+                )
             raise ValueError(
                 "Expected finite in-distribution outputs to calibrate on, "
                 "but every row was NaN/inf."
@@ -149,12 +177,13 @@ class Detector:
         """
         self._require_fitted("predict")
         x = self._check_outputs(outputs)
-        score = self._score(x)
-        # the OCS scores are negated distances already: don't compute them twice
-        if self.score in ("ocs_kl", "ocs_distance"):
-            dist = -score
-        else:
-            dist = distance(x, self.ocs, self.kind)
+        with _full_precision(x):
+            score = self._spec.compute(x, self.ocs, self.kind, self.temperature)
+            # the OCS scores are negated distances already: don't compute them twice
+            if self.score in ("ocs_kl", "ocs_distance"):
+                dist = -score
+            else:
+                dist = distance(x, self.ocs, self.kind)
         p = conformal.p_values(score, self._calibration_on(score.device))
         invalid = torch.isnan(score)
         flag = (p <= self.alpha) & ~invalid
@@ -164,16 +193,19 @@ class Detector:
             p_value=p,
             flag=flag,
             invalid=invalid,
-            predicted=self._predicted(x),
+            predicted=self._predicted(x, invalid),
         )
 
-    def _predicted(self, x: Tensor) -> Tensor:
+    def _predicted(self, x: Tensor, invalid: Tensor) -> Tensor:
+        """The argmax class, or -1 where there is none: regression heads and invalid rows
+        (an argmax over NaN is meaningless and must not pass for a prediction)."""
         if self.ocs.loss in ("cross_entropy", "reward_prediction"):
-            return x.argmax(dim=-1)
+            return x.argmax(dim=-1).masked_fill(invalid, -1)
         return torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device)
 
     def _score(self, x: Tensor) -> Tensor:
-        return self._spec.compute(x, self.ocs, self.kind, self.temperature)
+        with _full_precision(x):
+            return self._spec.compute(x, self.ocs, self.kind, self.temperature)
 
     def _check_outputs(self, outputs: Any) -> Tensor:
         x = outputs if isinstance(outputs, Tensor) else torch.as_tensor(np.asarray(outputs))
@@ -262,9 +294,10 @@ class Detector:
             )
             cal = data["calibration"]
             scores = torch.tensor(cal["scores"], dtype=torch.float64)
+            expected_n = int(cal["n"])
         except (KeyError, TypeError) as err:
             raise ValueError(f"The detector dict is incomplete or corrupted: {err!r}.") from err
-        if scores.numel() != cal["n"] or not bool((scores[1:] >= scores[:-1]).all()):
+        if scores.numel() != expected_n or not bool((scores[1:] >= scores[:-1]).all()):
             raise ValueError("The detector's calibration scores are corrupted (count or order).")
         detector._set_calibration(scores, dropped=int(cal.get("dropped", 0)))
         if detector.calibration_hash_ != cal.get("hash"):
@@ -278,7 +311,7 @@ class Detector:
         """Write JSON atomically (a crash never leaves a half-written detector)."""
         target = Path(path)
         tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1))
+        tmp.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False))
         os.replace(tmp, target)
         return target
 
@@ -303,3 +336,16 @@ class Detector:
             f"Detector(loss={self.ocs.loss!r}, score={self.score!r}, alpha={self.alpha:g}, "
             f"kind={self.kind!r}{fitted})"
         )
+
+
+def _full_precision(x: Tensor) -> contextlib.AbstractContextManager[None]:
+    """Score outside any autocast region of the caller: calibration ran in full precision,
+    and matrix products in bfloat16 would shift scores by hundredths of a nat."""
+    device_type = x.device.type
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+    except (TypeError, RuntimeError):  # a device type autocast does not know
+        return contextlib.nullcontext()
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)

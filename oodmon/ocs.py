@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -130,12 +131,17 @@ class OCS:
         k = class_counts.numel()
         prior = class_counts / class_counts.sum()
         prior = (1.0 - eps) * prior + eps / k
+        if float(floor) == 0 and bool((prior == 0).any()):
+            raise ValueError(
+                "Expected `floor` > 0 when a class never occurs in training (its OCS "
+                "probability would be 0 and every KL to the OCS infinite), but got floor=0."
+            )
         return cls(
             loss="cross_entropy",
             target=_floor_probabilities(prior, floor),
             label_smoothing=eps,
             num_train=int(class_counts.sum().item()),
-            floor=floor,
+            floor=float(floor),
         )
 
     @classmethod
@@ -148,6 +154,8 @@ class OCS:
         Raises:
             ValueError: empty, non-finite or out-of-range targets.
         """
+        if isinstance(floor, bool) or not isinstance(floor, numbers.Real) or not 0 <= floor < 0.5:
+            raise ValueError(f"Expected `floor` in [0, 0.5), but got {floor!r}.")
         y = _as_float_matrix("targets", targets)
         if (y < 0).any() or (y > 1).any():
             raise ValueError(
@@ -155,7 +163,9 @@ class OCS:
                 f"[{y.min().item():g}, {y.max().item():g}]."
             )
         rate = y.mean(dim=0).clamp(floor, 1.0 - floor)
-        return cls(loss="binary_cross_entropy", target=rate, num_train=y.shape[0], floor=floor)
+        return cls(
+            loss="binary_cross_entropy", target=rate, num_train=y.shape[0], floor=float(floor)
+        )
 
     @classmethod
     def mse(cls, targets: Any) -> OCS:
@@ -253,7 +263,10 @@ class OCS:
             tolerance: gradient tolerance.
 
         Returns:
-            An OCS with ``loss="custom"`` whose ``target`` is the optimal raw output.
+            An OCS with ``loss="custom"`` whose ``target`` is the optimal raw output. Its
+            distance is the mean squared difference in raw output space. For a loss that
+            ignores some output directions (softmax cross-entropy ignores a constant added
+            to every logit) that distance depends on them: use the closed form instead.
         """
         if not callable(loss_fn):
             raise ValueError(
@@ -451,7 +464,8 @@ def _class_counts(labels: Any, num_classes: int | None, counts: Any) -> Tensor:
 
 
 def _floor_probabilities(prob: Tensor, floor: float) -> Tensor:
-    if not (isinstance(floor, float) and 0 <= floor < 1.0 / prob.numel()):
+    valid = isinstance(floor, numbers.Real) and not isinstance(floor, bool)
+    if not (valid and 0 <= floor < 1.0 / prob.numel()):
         raise ValueError(
             f"Expected `floor` in [0, 1/K) = [0, {1.0 / prob.numel():g}), but got {floor!r}."
         )

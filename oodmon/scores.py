@@ -65,13 +65,17 @@ def _zero_log0(log_p: Tensor, kind: str) -> Tensor:
     return torch.where(torch.isneginf(log_p), torch.zeros_like(log_p), log_p)
 
 
-def _invalidate(score: Tensor, x: Tensor) -> Tensor:
+def _invalidate(score: Tensor, x: Tensor, kind: str = "logits") -> Tensor:
     """NaN where a row of ``x`` holds NaN or inf; other rows unchanged, no host sync.
+
+    For log-probabilities, -inf is the log of an exact zero and stays valid.
 
     ``score + 0 * rowsum(x)``: the row sum is NaN or inf exactly when the row holds a
     non-finite value, and ``0 * inf`` is NaN, so two cheap ops mark those rows. (A finite row
     whose sum overflows, |logits| ~ 1e38, is marked too; such outputs are broken anyway.)
     """
+    if kind == "log_probs":
+        x = torch.nan_to_num(x, nan=float("nan"), posinf=float("inf"), neginf=0.0)
     return score.add(x.sum(dim=-1), alpha=0)
 
 
@@ -98,7 +102,7 @@ def msp(outputs: Tensor, kind: InputKind = "logits") -> Tensor:
     _check_kind(kind)
     x = _as_batch(outputs)
     top = x.amax(dim=-1) if kind == "probs" else _log_probs(x, kind).amax(dim=-1).exp()
-    return _invalidate(-top, x)
+    return _invalidate(-top, x, kind)
 
 
 def max_logit(outputs: Tensor) -> Tensor:
@@ -135,7 +139,7 @@ def entropy(outputs: Tensor, kind: InputKind = "logits") -> Tensor:
     log_p = _log_probs(x, kind)
     p = x if kind == "probs" else log_p.exp()
     h = -torch.linalg.vecdot(p, _zero_log0(log_p, kind))
-    return _invalidate(h, x)
+    return _invalidate(h, x, kind)
 
 
 # ---------------------------------------------------------------------- distances to the OCS
@@ -162,7 +166,7 @@ def kl_to_ocs(outputs: Tensor, ocs: OCS, kind: InputKind = "logits") -> Tensor:
     log_pi = ocs.constant_on("log_target", x.device, x.dtype)
     # sum_k p_k (log p_k - log pi_k) = p . log p - p @ log pi  (the GEMV avoids a [N, K] temp)
     kl = torch.linalg.vecdot(p, _zero_log0(log_p, kind)) - p @ log_pi
-    return _invalidate(kl.clamp_min(0.0), x)
+    return _invalidate(kl.clamp_min(0.0), x, kind)
 
 
 def reverse_kl_to_ocs(outputs: Tensor, ocs: OCS, kind: InputKind = "logits") -> Tensor:
@@ -180,7 +184,7 @@ def reverse_kl_to_ocs(outputs: Tensor, ocs: OCS, kind: InputKind = "logits") -> 
         kl = torch.logsumexp(x, dim=-1) - x @ pi + neg_entropy_pi
     else:
         kl = neg_entropy_pi - _log_probs(x, kind) @ pi
-    return _invalidate(kl.clamp_min(0.0), x)
+    return _invalidate(kl.clamp_min(0.0), x, kind)
 
 
 def bernoulli_kl_to_ocs(outputs: Tensor, ocs: OCS, kind: InputKind = "logits") -> Tensor:
@@ -306,6 +310,15 @@ class ScoreSpec:
 
 
 _CLASSIFIER_LOSSES = ("cross_entropy",)
+#: What the OCS distance of each loss can take: raw regression outputs have no probabilities.
+_DISTANCE_KINDS: dict[str, tuple[str, ...]] = {
+    "cross_entropy": INPUT_KINDS,
+    "binary_cross_entropy": ("logits", "probs"),
+    "mse": ("logits",),
+    "gaussian_nll": ("logits",),
+    "reward_prediction": ("logits",),
+    "custom": ("logits",),
+}
 _ALL_LOSSES = (
     "cross_entropy",
     "binary_cross_entropy",
@@ -385,6 +398,11 @@ def check_score(name: str, ocs: OCS, kind: str) -> ScoreSpec:
     spec = SCORES.get(name)
     if spec is None:
         raise ValueError(f"Expected `score` to be one of {sorted(SCORES)}, but got {name!r}.")
+    if name == "ocs_distance" and kind not in _DISTANCE_KINDS[ocs.loss]:
+        raise ValueError(
+            f"The distance for {ocs.loss!r} heads needs outputs of kind "
+            f"{_DISTANCE_KINDS[ocs.loss]}, but got kind={kind!r}."
+        )
     if ocs.loss not in spec.losses:
         raise ValueError(
             f"Score {name!r} applies to {spec.losses} heads, but the OCS is for "

@@ -58,7 +58,11 @@ class MetricsSink(Protocol):
 
 @runtime_checkable
 class QueueSink(Protocol):
-    """Receives the flagged rows of each batch, for the label queue."""
+    """Receives the flagged rows of each batch, for the label queue.
+
+    A sink may also define ``describe(summary: DetectorSummary)``; the Monitor calls it once,
+    so that queued items can name the calibration that judged them.
+    """
 
     def submit(self, observation: Observation) -> int:
         """Hand over flagged rows without blocking. Returns how many rows were dropped."""

@@ -9,6 +9,12 @@ Training mode: by default nothing is monitored while ``model.training`` is True 
 batches are not production traffic, and augmentations would pollute the statistics); pass
 ``monitor_training=True`` to monitor anyway. Monitoring always works on detached copies, so it
 never keeps the autograd graph alive.
+
+Placement: wrap the outermost module that serving calls, e.g. ``wrap(DataParallel(model))``
+rather than ``DataParallel(wrap(model))``. Inputs for the label queue are taken from the first
+positional argument; a model called with keyword arguments only is monitored without inputs.
+``torch.compile(wrap(model), fullgraph=True)`` is impossible by design: monitoring is kept out
+of the compiled graph.
 """
 
 from __future__ import annotations
@@ -22,6 +28,17 @@ from torch import Tensor, nn
 from oodmon.monitor import Monitor
 
 OutputSelector = int | str | Callable[[Any], Tensor] | None
+
+_SHARED_TABLES = (
+    "_parameters",
+    "_buffers",
+    "_modules",
+    "_non_persistent_buffers_set",
+    "_state_dict_hooks",
+    "_state_dict_pre_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
 
 
 class MonitoredModel(nn.Module):
@@ -41,11 +58,10 @@ class MonitoredModel(nn.Module):
         copy_inputs: bool = True,
     ) -> None:
         super().__init__()
-        # Share the model's tables: same keys, same tensors, same hooks on submodules.
-        self._parameters = model._parameters
-        self._buffers = model._buffers
-        self._modules = model._modules
-        self._non_persistent_buffers_set = model._non_persistent_buffers_set
+        # Share the model's tables: same keys, same tensors, same hooks on submodules, and
+        # the root's own state-dict hooks.
+        for table in _SHARED_TABLES:
+            setattr(self, table, getattr(model, table))
         object.__setattr__(self, "model", model)
         object.__setattr__(self, "monitor", monitor)
         self.training = model.training
@@ -56,7 +72,7 @@ class MonitoredModel(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         result = self.model(*args, **kwargs)
-        if self.training and not self._monitor_training:
+        if self.model.training and not self._monitor_training:
             self.monitor._log_once(
                 "training_mode",
                 f"oodmon monitor {self.monitor.name!r}: the wrapped model is in training mode, "
@@ -87,6 +103,38 @@ class MonitoredModel(nn.Module):
         self.model.train(mode)
         self.training = mode
         return self
+
+    # The root model's own state (parameters, buffers, extra state) and its overrides of
+    # these hooks are the model's business: delegate, so checkpoints match the bare model's.
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        self.model._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        self.model._load_from_state_dict(state_dict, prefix, *args)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> MonitoredModel:
+        self.model._apply(fn, recurse)
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> MonitoredModel:
+        """A copy of the model reporting to the same Monitor (EMA copies, quantisation)."""
+        import copy
+
+        return MonitoredModel(
+            copy.deepcopy(self.model, memo),
+            self.monitor,
+            self._output,
+            background=self._background,
+            monitor_training=self._monitor_training,
+            copy_inputs=self._copy_inputs,
+        )
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(
+            "A wrapped model cannot be pickled whole (its Monitor holds threads and sinks): "
+            "save `wrapped.state_dict()` (the bare model's keys) or `wrapped.model`, and wrap "
+            "again after loading."
+        )
 
     def __getattr__(self, name: str) -> Any:
         try:

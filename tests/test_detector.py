@@ -189,3 +189,73 @@ def test_benjamini_hochberg_matches_scipy() -> None:
     reference[valid] = false_discovery_control(p[valid], method="bh") <= 0.1
     assert ours.sum() >= 20
     np.testing.assert_array_equal(ours, reference)
+
+
+def test_invalid_rows_have_no_predicted_class(fitted: Detector) -> None:
+    z = _id_logits(3, torch.Generator().manual_seed(10))
+    z[1, 4] = float("nan")
+    verdict = fitted.predict(z)
+    assert verdict.predicted[1] == -1 and (verdict.predicted[[0, 2]] >= 0).all()
+
+
+def test_infinite_scores_are_extremes_not_invalid(ocs: OCS, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    probs = _id_logits(300, torch.Generator().manual_seed(11)).softmax(-1)
+    probs[:3, 0] = 0.0  # an exact zero where pi > 0: the reverse KL is +inf
+    probs[:3] /= probs[:3].sum(-1, keepdim=True)
+    detector = Detector(ocs, score="ocs_kl_reverse", kind="probs").fit(probs[:200])
+    verdict = detector.predict(probs[:3])
+    assert not verdict.invalid.any() and torch.isfinite(verdict.p_value).all()
+    assert (verdict.p_value == 1.0).all()  # infinitely far from the OCS: most in-distribution
+    path = detector.save(tmp_path / "d.json")
+    assert "Infinity" not in path.read_text()
+    assert torch.equal(Detector.load(path).predict(probs[:3]).p_value, verdict.p_value)
+
+
+def test_log_probabilities_with_exact_zeros_are_valid(ocs: OCS) -> None:
+    from oodmon import scores as S
+
+    p = torch.tensor([[0.7, 0.3] + [0.0] * 8])
+    for name in ("ocs_kl", "msp", "entropy"):
+        from_probs = S.compute_score(name, p, ocs, kind="probs")
+        from_logs = S.compute_score(name, p.log(), ocs, kind="log_probs")
+        assert torch.isfinite(from_logs).all(), name
+        torch.testing.assert_close(from_logs, from_probs)
+    nan_row = torch.full((1, 10), float("nan"))
+    assert torch.isnan(S.compute_score("ocs_kl", nan_row, ocs, kind="log_probs")).all()
+
+
+def test_scores_ignore_the_callers_autocast(fitted: Detector) -> None:
+    z = _id_logits(256, torch.Generator().manual_seed(12))
+    plain = fitted.predict(z)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = fitted.predict(z)
+    assert torch.equal(plain.score, under_autocast.score)
+    assert torch.equal(plain.flag, under_autocast.flag)
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda ocs: Detector(ocs, score="energy", temperature=0), "`temperature` > 0"),
+        (
+            lambda ocs: Detector(OCS.binary_cross_entropy([[0, 1], [1, 1]]), kind="log_probs"),
+            "needs outputs of kind",
+        ),
+        (lambda ocs: Detector(OCS.mse([[1.0], [2.0]]), kind="probs"), "needs outputs of kind"),
+        (lambda ocs: Detector(ocs).fit(torch.zeros(0, 10)), "got 0 rows"),
+        (lambda ocs: Detector(ocs, kind="probs").fit(-torch.ones(300, 10)), "match kind='probs'"),
+        (lambda ocs: OCS.cross_entropy(counts=[3, 0, 1], floor=0.0), "`floor` > 0"),
+        (lambda ocs: OCS.cross_entropy(counts=[3, 1], floor=0.6), r"`floor` in \[0, 1/K\)"),
+        (lambda ocs: OCS.binary_cross_entropy([[0, 1]], floor=0.7), r"`floor` in \[0, 0.5\)"),
+    ],
+)
+def test_construction_errors_come_early_and_clear(call, message: str, ocs: OCS) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=message):
+        call(ocs)
+
+
+def test_numpy_numbers_are_accepted(ocs: OCS) -> None:
+    detector = Detector(ocs, alpha=np.float32(0.05))
+    assert detector.alpha == pytest.approx(0.05)
+    assert OCS.cross_entropy(counts=[3, 1], floor=0).target.min() > 0
+    assert OCS.cross_entropy(counts=[3, 1], floor=np.float64(1e-3)).floor == 1e-3

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 
 import numpy as np
 import pytest
@@ -126,10 +128,21 @@ def test_scoring_failure_returns_none_and_strict_reraises(
         strict.observe(id_logits(3, seed=6))
 
 
-def test_mismatched_ids_are_an_error_not_a_crash(detector: Detector) -> None:
-    monitor = Monitor(detector, "m", "1")
-    assert monitor.observe(id_logits(3, seed=7), ids=["a"]) is None
-    assert monitor.stats().errors == {"ValueError": 1}
+def test_mismatched_ids_or_inputs_are_dropped_and_counted(detector: Detector) -> None:
+    queue = InMemoryQueue()
+    monitor = Monitor(detector, "m", "1", queue=queue)
+    verdict = monitor.observe(id_logits(3, seed=7), ids=["a"])
+    assert verdict is not None and len(verdict) == 3  # the outputs are still scored
+    assert monitor.observe(id_logits(3, seed=7), inputs=torch.zeros(2, 4)) is not None
+    assert monitor.stats().errors == {"ValueError": 2} and monitor.stats().seen == 6
+    # in the background, one caller's bad ids must not poison the batches it is merged with
+    for i in range(6):
+        good = [f"g{i}-{j}" for j in range(2)]
+        monitor.submit(near_ocs(detector, 2), ids=good if i != 3 else ["bad"])
+    stats = monitor.stats()
+    assert stats.seen == 18 and stats.errors == {"ValueError": 3}
+    ids = [i for obs in queue.observations for i in (obs.ids or [])]
+    assert "bad" not in ids and {f"g5-{j}" for j in range(2)} <= set(ids)
 
 
 def test_submit_scores_in_background_with_exact_totals(detector: Detector) -> None:
@@ -150,8 +163,10 @@ def test_submit_scores_in_background_with_exact_totals(detector: Detector) -> No
     assert metrics.batches < 200  # small batches were coalesced
     monitor.close()
     assert queue.closed
-    monitor.submit(id_logits(1, seed=0))  # after close: counted, never raised
-    assert monitor.stats(flush=False).errors == {"RuntimeError": 1}
+    monitor.submit(id_logits(2, seed=0))  # after close: skipped and counted, never raised
+    assert monitor.observe(id_logits(1, seed=0)) is None
+    after = monitor.stats()
+    assert after.skipped == 3 and after.errors == {} and after.seen == rows
 
 
 def test_backlog_limit_skips_and_counts(detector: Detector) -> None:
@@ -190,3 +205,78 @@ def test_flag_window_matches_naive(size: int, chunks: list[list[bool]]) -> None:
         assert rate == pytest.approx(np.mean(recent))
     else:
         assert np.isnan(rate)
+
+
+def test_strict_background_errors_surface_at_flush_and_the_worker_survives(
+    detector: Detector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monitor = Monitor(detector, "m", "1", strict=True, linger=0.0)
+    real_predict = monitor.detector.predict
+    calls = {"n": 0}
+
+    def flaky(outputs: torch.Tensor) -> object:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise Boom("first batch fails")
+        return real_predict(outputs)
+
+    monkeypatch.setattr(monitor.detector, "predict", flaky)
+    monitor.submit(id_logits(2, seed=1))
+    with pytest.raises(Boom):
+        monitor.flush(timeout=30)
+    monitor.submit(id_logits(3, seed=2))  # the worker is still alive and scores this
+    assert monitor.flush(timeout=30)
+    assert monitor.stats().seen == 3 and monitor.stats().errors == {"Boom": 1}
+
+
+def test_stats_from_a_callback_on_the_worker_does_not_deadlock(detector: Detector) -> None:
+    seen_inside: list[int] = []
+    monitor = Monitor(detector, "m", "1", linger=0.0)
+    monitor.on_flag = lambda obs: seen_inside.append(monitor.stats().seen)
+    monitor.submit(near_ocs(detector, 4))
+    assert monitor.flush(timeout=30), "flush hung: the worker waited for itself"
+    monitor.submit(near_ocs(detector, 4))
+    assert monitor.flush(timeout=30)
+    assert seen_inside == [4, 8]
+
+
+def test_unclosed_unreferenced_monitors_are_collected(detector: Detector) -> None:
+    import gc
+    import weakref
+
+    monitor = Monitor(detector, "m", "1", linger=0.0)
+    monitor.submit(id_logits(2, seed=3))
+    monitor.flush(timeout=30)
+    worker = monitor._worker
+    ref = weakref.ref(monitor)
+    del monitor
+    deadline = time.monotonic() + 10
+    while ref() is not None and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.1)
+    assert ref() is None
+    assert worker is not None
+    worker.join(timeout=5)
+    assert not worker.is_alive()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_scores_its_own_traffic(detector: Detector) -> None:
+    monitor = Monitor(detector, "m", "1", linger=0.0)
+    monitor.submit(id_logits(2, seed=4))  # the parent's worker thread is running
+    monitor.flush(timeout=30)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: no parent thread here; a new worker must start
+        try:
+            monitor.submit(id_logits(5, seed=5))
+            ok = monitor.flush(timeout=20)
+            os.write(write, f"{ok} {monitor.stats(flush=False).seen}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    _, status = os.waitpid(pid, 0)
+    answer = os.read(read, 100).decode()
+    os.close(read)
+    assert status == 0 and answer == "True 5"
+    assert monitor.stats().seen == 2  # the parent is unaffected

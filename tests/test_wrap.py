@@ -179,20 +179,63 @@ def test_monitoring_keeps_no_autograd_graph_alive(detector: Detector) -> None:
     model = SmallCNN().train()
     monitor = Monitor(detector, "m", "1")
     wrapped = wrap(model, monitor, monitor_training=True)
+    saved: list[weakref.ref[torch.Tensor]] = []
+    # the flattened activations fc saves for backward live exactly as long as the graph
+    model.fc.register_forward_hook(lambda mod, args, out: saved.append(weakref.ref(args[0])))
     out = wrapped(images(4))
-    assert out.grad_fn is not None
-    ref = weakref.ref(out)  # the output tensor is what holds the graph (via grad_fn)
+    assert out.grad_fn is not None and saved[0]() is not None
     monitor.flush()
     del out
     gc.collect()
-    assert ref() is None
+    assert saved[0]() is None, "monitoring kept the autograd graph (and its activations) alive"
 
 
+def test_mode_is_read_from_the_model_itself(detector: Detector) -> None:
+    model = SmallCNN()  # a new module starts in training mode
+    monitor = Monitor(detector, "m", "1")
+    wrapped = wrap(model, monitor)
+    model.eval()  # switched on the model, not on the wrapper
+    with torch.no_grad():
+        wrapped(images(3))
+    assert monitor.stats().seen == 3
+
+
+def test_copies_checkpoints_and_pickling(detector: Detector) -> None:
+    import copy
+    import pickle
+
+    class WithExtraState(SmallCNN):
+        def get_extra_state(self) -> dict[str, int]:
+            return {"calls": int(self.classes)}
+
+        def set_extra_state(self, state: dict[str, int]) -> None:
+            self.classes = state["calls"]
+
+    model = WithExtraState().eval()
+    monitor = Monitor(detector, "m", "1")
+    wrapped = wrap(model, monitor)
+    assert list(wrapped.state_dict()) == list(model.state_dict())
+    assert "_extra_state" in wrapped.state_dict()
+    state = model.state_dict()
+    state["_extra_state"] = {"calls": 10}
+    wrapped.load_state_dict(state)
+
+    twin = copy.deepcopy(wrapped)  # e.g. an EMA copy of a served model
+    assert twin.monitor is monitor and twin.model is not model
+    assert torch.equal(twin.model.fc.weight, model.fc.weight)
+    with torch.no_grad():
+        twin(images(2))
+    assert monitor.stats().seen == 2
+    with pytest.raises(TypeError, match="save `wrapped.state_dict\\(\\)`"):
+        pickle.dumps(wrapped)
+
+
+@pytest.mark.parametrize("background", [True, False], ids=["background", "sync"])
 @pytest.mark.parametrize("context", ["no_grad", "inference_mode", "autocast"])
-def test_inference_contexts(context: str, ocs) -> None:  # type: ignore[no-untyped-def]
+def test_inference_contexts(context: str, background: bool, ocs) -> None:  # type: ignore[no-untyped-def]
     model = SmallCNN().eval()
     monitor = calibrated_monitor(model, images, ocs, strict=True)
-    wrapped = wrap(model, monitor)
+    wrapped = wrap(model, monitor, background=background)
     ctx = {
         "no_grad": torch.no_grad(),
         "inference_mode": torch.inference_mode(),

@@ -1,0 +1,150 @@
+"""Forward-pass overhead of oodmon.wrap: wrapped vs bare model, measured side by side.
+
+Run:  .venv/bin/python benchmarks/overhead.py [--rounds 30] [--skip-resnet] [--json out.json]
+
+Each configuration runs in interleaved rounds: bare, wrapped (background scoring, the
+default), wrapped (synchronous scoring), bare, ... so that machine noise hits all of them
+alike. A round times several forward calls; the ratio wrapped/bare is taken per round and the
+table reports its median and interquartile range. Every wrapped model has Prometheus metrics
+and an SQLite label queue attached, as in production. Background time is included: after
+each wrapped round the monitor is flushed inside the timed region, so work pushed onto the
+background thread is paid for, not hidden.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from prometheus_client import CollectorRegistry
+from torch import nn
+
+from oodmon import OCS, Detector, Monitor, wrap
+from oodmon.metrics import PrometheusMetrics
+from oodmon.mnist import SmallCNN
+from oodmon.queue_writer import QueueWriter
+
+
+@dataclass
+class Case:
+    name: str
+    model: nn.Module
+    make_input: Callable[[], torch.Tensor]
+    calls_per_round: int
+
+
+def cases(skip_resnet: bool) -> list[Case]:
+    torch.manual_seed(0)
+    found = [
+        Case("MNIST CNN, batch 1", SmallCNN().eval(), lambda: torch.randn(1, 1, 28, 28), 200),
+        Case("MNIST CNN, batch 256", SmallCNN().eval(), lambda: torch.randn(256, 1, 28, 28), 4),
+    ]
+    if not skip_resnet:
+        from torchvision.models import resnet18
+
+        found.append(
+            Case(
+                "ResNet-18, batch 32, 224x224",
+                resnet18(weights=None).eval(),
+                lambda: torch.randn(32, 3, 224, 224),
+                1,
+            )
+        )
+    return found
+
+
+def monitored(
+    case: Case, workdir: Path, background: bool
+) -> tuple[nn.Module, Monitor, QueueWriter]:
+    """The case's model wrapped with metrics and an SQLite queue, calibrated on its own outputs."""
+    with torch.inference_mode():
+        calibration = torch.cat([case.model(case.make_input()) for _ in range(4)])
+        if len(calibration) < 200:
+            calibration = torch.cat([case.model(case.make_input()) for _ in range(200)])
+    classes = calibration.shape[1]
+    detector = Detector(OCS.cross_entropy(counts=[10] * classes), alpha=0.05).fit(calibration)
+    writer = QueueWriter(workdir / f"queue-{id(case)}-{background}.sqlite")
+    monitor = Monitor(
+        detector, "bench", "1", metrics=PrometheusMetrics(registry=CollectorRegistry()),
+        queue=writer,
+    )  # fmt: skip
+    return wrap(case.model, monitor, background=background), monitor, writer
+
+
+def run_case(case: Case, rounds: int, workdir: Path) -> dict[str, object]:
+    background, bg_monitor, bg_writer = monitored(case, workdir, background=True)
+    synchronous, sync_monitor, sync_writer = monitored(case, workdir, background=False)
+    x = case.make_input()
+    configs: dict[str, tuple[nn.Module, Monitor | None]] = {
+        "bare": (case.model, None),
+        "background": (background, bg_monitor),
+        "sync": (synchronous, sync_monitor),
+    }
+    times: dict[str, list[float]] = {k: [] for k in configs}
+    with torch.inference_mode():
+        for _ in range(2):  # warm-up, including the background thread's start
+            for model, monitor in configs.values():
+                model(x)
+                if monitor is not None:
+                    monitor.flush()
+        for _ in range(rounds):
+            for name, (model, monitor) in configs.items():
+                start = time.perf_counter()
+                for _ in range(case.calls_per_round):
+                    model(x)
+                if monitor is not None:
+                    monitor.flush()
+                times[name].append((time.perf_counter() - start) / case.calls_per_round)
+    result: dict[str, object] = {
+        "case": case.name,
+        "bare_ms": statistics.median(times["bare"]) * 1e3,
+    }
+    for name in ("background", "sync"):
+        ratios = [w / b for w, b in zip(times[name], times["bare"], strict=True)]
+        q1, med, q3 = statistics.quantiles(ratios, n=4)
+        result[name] = {"median_ratio": med, "q1": q1, "q3": q3,
+                        "ms": statistics.median(times[name]) * 1e3}  # fmt: skip
+    for monitor, writer in ((bg_monitor, bg_writer), (sync_monitor, sync_writer)):
+        stats = monitor.stats()
+        result.setdefault("monitor_errors", 0)
+        result["monitor_errors"] = int(result["monitor_errors"]) + stats.errors_total  # type: ignore[call-overload]
+        monitor.close()
+        writer.close()
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--skip-resnet", action="store_true")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, {args.rounds} rounds"
+    )
+    print("| model | bare ms/call | background: median ratio [IQR] | sync: median ratio [IQR] |")
+    print("|---|---:|---:|---:|")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in cases(args.skip_resnet):
+            r = run_case(case, args.rounds, Path(tmp))
+            results.append(r)
+            cells = []
+            for name in ("background", "sync"):
+                s = r[name]
+                assert isinstance(s, dict)
+                cells.append(f"{s['median_ratio']:.3f} [{s['q1']:.3f}, {s['q3']:.3f}]")
+            print(f"| {r['case']} | {r['bare_ms']:.3f} | {cells[0]} | {cells[1]} |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

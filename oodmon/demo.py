@@ -1,0 +1,359 @@
+"""``oodmon demo``: the whole product, end to end, on real MNIST digits and no network.
+
+Trains (or loads from cache) the small MNIST CNN, calibrates a Detector on held-out digits,
+wraps the model with a Monitor that exports Prometheus metrics and fills an SQLite label
+queue, then streams a scenario through the wrapped model: upright digits, increasingly
+rotated digits, then noise. The per-phase summary is read back from the Prometheus registry,
+so the numbers printed are the numbers a dashboard would show.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from oodmon.detector import Detector
+from oodmon.monitor import Monitor
+from oodmon.ocs import OCS
+
+MODEL_NAME = "mnist-cnn"
+DEFAULT_PORT = 9464
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One stretch of traffic: upright digits (0 degrees), rotated digits, or noise."""
+
+    name: str
+    angle: float | None  # None = uniform noise images
+    samples: int
+
+
+def scenario(quick: bool) -> list[Phase]:
+    n = 200 if quick else 1000
+    return [
+        Phase("in-distribution", 0.0, n),
+        Phase("rotated 30°", 30.0, n),
+        Phase("rotated 60°", 60.0, n),
+        Phase("rotated 90°", 90.0, n),
+        Phase("rotated 180°", 180.0, n),
+        Phase("noise", None, n // 2),
+    ]
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", default="oodmon-demo", help="where outputs are written")
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where the trained model is cached (default: WORKDIR/cache)",
+    )
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help=f"port for /metrics on 127.0.0.1 (default {DEFAULT_PORT}; 0 picks a free one)",
+    )
+    parser.add_argument(
+        "--serve",
+        action="store_true",
+        help="keep serving /metrics after the scenario, until Ctrl-C",
+    )
+    parser.add_argument(
+        "--phase-seconds",
+        type=float,
+        default=0.0,
+        help="spread each phase over this many seconds, so a dashboard can show the phases "
+        "(default 0: as fast as possible)",
+    )
+    parser.add_argument("--quick", action="store_true", help="a smaller run (for tests)")
+    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 3)")
+    parser.add_argument("--batch-size", type=int, default=32, help="serving batch size")
+    parser.add_argument("--alpha", type=float, default=0.05, help="target false-alarm rate")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-root", default=None, help="torchvision MNIST root, if present")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Run the demo; returns the exit code (130 if interrupted during the scenario)."""
+    from prometheus_client import CollectorRegistry
+
+    from oodmon import mnist
+    from oodmon.metrics import PrometheusMetrics, serve
+    from oodmon.queue_writer import QueueWriter
+    from oodmon.wrap import wrap
+
+    started = time.perf_counter()
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    cache_dir = Path(args.cache_dir) if args.cache_dir else workdir / "cache"
+    progress = not args.no_progress
+    epochs = args.epochs if args.epochs is not None else (2 if args.quick else 3)
+    torch.manual_seed(args.seed)
+
+    data = mnist.load_mnist("auto", root=args.data_root)
+    splits = mnist.split_indices(len(data), seed=args.seed, labels=data.labels)
+    say(f"data: {data.source}; splits " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+    train_x = mnist.to_model_input(data.images[splits["train"]])
+    train_y = data.labels[splits["train"]]
+
+    model, cache_note = trained_model(
+        mnist, train_x, train_y, epochs, args.seed, cache_dir, data.source, progress
+    )
+    say(cache_note)
+
+    cal_x = mnist.to_model_input(data.images[splits["calibration"]])
+    detector = Detector(OCS.cross_entropy(train_y, 10), alpha=args.alpha)
+    detector.fit(mnist.predict_logits(model, cal_x))
+    detector_path = detector.save(workdir / "detector.json")
+
+    registry = CollectorRegistry()
+    metrics = PrometheusMetrics(registry=registry)
+    try:
+        server = serve(args.port, "127.0.0.1", registry=registry)
+    except OSError as err:
+        raise OSError(
+            f"cannot serve /metrics on 127.0.0.1:{args.port} ({err.strerror or err}); "
+            "choose another --port (0 picks a free one)"
+        ) from err
+    say(f"metrics: {server.url}")
+
+    queue_path = workdir / "label_queue.sqlite"
+    with contextlib.suppress(FileNotFoundError):
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{queue_path}{suffix}").unlink()
+    writer = QueueWriter(queue_path)  # the Monitor tells it the calibration hash
+    monitor = Monitor(detector, MODEL_NAME, "demo", metrics=metrics, queue=writer)
+    wrapped = wrap(model, monitor)
+
+    test_images = data.images[splits["test"]]
+    phases = scenario(args.quick)
+    rows: list[dict[str, Any]] = []
+    interrupted = False
+    previous = _interrupt_on_signals()
+    try:
+        with _progress(sum(p.samples for p in phases), "scenario", progress) as bar:
+            for phase in phases:
+                before = _totals(registry)
+                images = phase_images(mnist, test_images, phase, args.seed)
+                n_batches = -(-len(images) // args.batch_size)
+                pause = max(args.phase_seconds, 0.0) / n_batches
+                with torch.inference_mode():
+                    for start in range(0, len(images), args.batch_size):
+                        batch = mnist.to_model_input(images[start : start + args.batch_size])
+                        wrapped(batch)
+                        if bar is not None:
+                            bar.update(len(batch))
+                        if pause:
+                            time.sleep(pause)
+                monitor.flush()
+                writer.flush(timeout=30)
+                after = _totals(registry)
+                rows.append(phase_summary(phase, before, after, writer.depth()))
+        plot_path = plot_phases(rows, workdir / "demo.png", detector.alpha)
+        write_summary(rows, workdir / "summary.json", detector, data.source)
+        print_summary(rows)
+        say(f"plot:     {plot_path or 'not written (pip install oodmon[experiments])'}")
+        say(f"queue:    {queue_path}  (try: oodmon queue ls {queue_path})")
+        say(f"detector: {detector_path}  (try: oodmon inspect {detector_path})")
+        say(f"done in {time.perf_counter() - started:.0f} s")
+        if args.serve:
+            say(f"serving {server.url} until Ctrl-C (grafana/ has a dashboard for it)")
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    time.sleep(3600)
+    except KeyboardInterrupt:
+        interrupted = True
+        say("interrupted: flushing the label queue and stopping the exporter")
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        monitor.close()  # flushes the queue writer too
+        server.close()
+    return 130 if interrupted else 0
+
+
+def _interrupt_on_signals() -> dict[int, Any]:
+    """Make Ctrl-C and SIGTERM raise KeyboardInterrupt, so the demo always cleans up."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous: dict[int, Any] = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous[signum] = signal.signal(signum, interrupt)
+    return previous
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def trained_model(
+    mnist: Any,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    epochs: int,
+    seed: int,
+    cache_dir: Path,
+    source: str,
+    progress: bool,
+) -> tuple[torch.nn.Module, str]:
+    """Load the CNN from the cache when the same data and settings trained it, else train it."""
+    key = hashlib.sha256(
+        json.dumps(
+            [source, len(train_y), int(train_y.sum()), epochs, seed, torch.__version__]
+        ).encode()
+    ).hexdigest()[:12]
+    path = cache_dir / f"mnist_cnn_{key}.pt"
+    model = mnist.SmallCNN()
+    if path.is_file():
+        try:
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return model.eval(), f"model: loaded from cache {path}"
+        except Exception as err:  # a corrupt cache is retrained, not fatal
+            note = f" (cache {path} unreadable: {err}; retrained)"
+    else:
+        note = ""
+    start = time.perf_counter()
+    mnist.train(model, train_x, train_y, epochs=epochs, seed=seed, progress=progress)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(model.state_dict(), tmp)
+    os.replace(tmp, path)
+    took = time.perf_counter() - start
+    return model.eval(), f"model: trained {epochs} epochs in {took:.0f} s, cached at {path}{note}"
+
+
+def phase_images(mnist: Any, test_images: torch.Tensor, phase: Phase, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed + 17)
+    picks = torch.randint(0, len(test_images), (phase.samples,), generator=gen)
+    if phase.angle is None:
+        return torch.randint(0, 256, (phase.samples, 28, 28), generator=gen, dtype=torch.uint8)
+    images = test_images[picks]
+    return images if phase.angle == 0 else mnist.rotate(images, phase.angle)
+
+
+def _totals(registry: Any) -> dict[str, float]:
+    labels = {"model": MODEL_NAME, "model_version": "demo"}
+
+    def value(name: str, extra: dict[str, str] | None = None) -> float:
+        got = registry.get_sample_value(name, {**labels, **(extra or {})})
+        return float(got or 0.0)
+
+    flagged = sum(
+        float(s.value)
+        for family in registry.collect()
+        if family.name == "oodmon_flagged"
+        for s in family.samples
+        if s.name == "oodmon_flagged_total" and s.labels.get("model") == MODEL_NAME
+    )
+    return {
+        "predictions": value("oodmon_predictions_total"),
+        "flagged": flagged,
+        "scored": value("oodmon_ocs_distance_count"),
+        "distance_sum": value("oodmon_ocs_distance_sum"),
+    }
+
+
+def phase_summary(
+    phase: Phase, before: dict[str, float], after: dict[str, float], depth: int | None
+) -> dict[str, Any]:
+    delta = {k: after[k] - before[k] for k in after}
+    scored = delta["scored"]
+    return {
+        "phase": phase.name,
+        "samples": int(delta["predictions"]),
+        "flag_rate": delta["flagged"] / delta["predictions"] if delta["predictions"] else 0.0,
+        "mean_distance": delta["distance_sum"] / scored if scored else float("nan"),
+        "queue_depth": depth,
+    }
+
+
+def print_summary(rows: list[dict[str, Any]]) -> None:
+    header = f"{'phase':<16} {'samples':>8} {'flag rate':>10} {'mean KL to OCS':>15} {'queue':>7}"
+    say("")
+    say(header)
+    say("-" * len(header))
+    for row in rows:
+        depth = "?" if row["queue_depth"] is None else str(row["queue_depth"])
+        say(
+            f"{row['phase']:<16} {row['samples']:>8} {row['flag_rate']:>10.1%} "
+            f"{row['mean_distance']:>12.3f} nats {depth:>7}"
+        )
+    say("")
+
+
+def write_summary(rows: list[dict[str, Any]], path: Path, detector: Detector, source: str) -> None:
+    path.write_text(
+        json.dumps(
+            {
+                "data_source": source,
+                "alpha": detector.alpha,
+                "calibration_size": detector.n_calibration_,
+                "calibration_hash": detector.calibration_hash_,
+                "phases": rows,
+            },
+            indent=2,
+        )
+    )
+
+
+def plot_phases(rows: list[dict[str, Any]], path: Path, alpha: float) -> Path | None:
+    """Flag rate and mean distance per phase, side by side; None if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    names = [r["phase"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    left.bar(names, [r["flag_rate"] for r in rows], color="#c0392b")
+    left.axhline(alpha, color="black", linestyle="--", linewidth=1, label=f"alpha = {alpha:g}")
+    left.legend(loc="upper left")
+    left.set_ylabel("flag rate")
+    left.set_ylim(0, 1)
+    left.set_title("Flagged as out-of-distribution")
+    right.bar(names, [r["mean_distance"] for r in rows], color="#2c7fb8")
+    right.set_ylabel("mean KL(p(x) || OCS), nats")
+    right.set_title("Distance to the optimal constant solution")
+    for axis in (left, right):
+        axis.tick_params(axis="x", rotation=30)
+        for label in axis.get_xticklabels():
+            label.set_horizontalalignment("right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+@contextlib.contextmanager
+def _progress(total: int, desc: str, enabled: bool) -> Iterator[Any]:
+    if not enabled:
+        yield None
+        return
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        yield None
+        return
+    bar = tqdm(total=total, desc=desc, unit="img", file=sys.stderr)
+    try:
+        yield bar
+    finally:
+        bar.close()

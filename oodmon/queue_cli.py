@@ -1,0 +1,262 @@
+"""``oodmon queue ...``: inspect, export and work a label queue from the shell.
+
+    oodmon queue ls URL [--status queued|claimed|done] [--model M] [--limit N]
+    oodmon queue stats URL [--json]
+    oodmon queue export URL [-o FILE] [--format label-studio|jsonl] [--status S] [--limit N]
+    oodmon queue claim URL --worker NAME [-n N] [--lease SECONDS] [-o FILE] [--format F]
+    oodmon queue done URL ID LABEL [--worker NAME]
+    oodmon queue release URL ID [--worker NAME]
+
+URL is a file path, ``sqlite:///path.db`` or ``postgresql://user@host/db``. ``ls``,
+``stats`` and ``export`` open the queue read-only. :func:`register` plugs the commands into
+the main ``oodmon`` parser; each handler returns an exit code and raises, for the main CLI
+to print as one line: ``ValueError`` / ``FileNotFoundError`` / ``LookupError`` for input
+errors, :class:`~oodmon.label_queue.QueueUnavailableError` (a ``ConnectionError``) or another
+:class:`~oodmon.errors.OodmonError` for runtime failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from oodmon.label_queue import (
+    LabelQueue,
+    QueueError,
+    QueueItem,
+    write_jsonl,
+    write_label_studio,
+)
+
+FORMATS = ("label-studio", "jsonl")
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``queue`` command (and its subcommands) to an ``add_subparsers()`` object."""
+    queue = subparsers.add_parser(
+        "queue",
+        help="inspect, export and label the queue of flagged inputs",
+        description="Inspect, export and label a label queue (SQLite file or PostgreSQL URL).",
+    )
+    commands = queue.add_subparsers(dest="queue_command", metavar="COMMAND", required=True)
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = commands.add_parser(name, help=help, description=help)
+        parser.add_argument(
+            "url", metavar="URL", help="queue file path, sqlite:///path.db or postgresql://..."
+        )
+        return parser
+
+    ls = add("ls", "list items, most OOD first (read-only)")
+    ls.add_argument("--status", choices=("queued", "claimed", "done"))
+    ls.add_argument("--model")
+    ls.add_argument("--limit", type=_count, default=50, help="rows to show (default 50; 0: all)")
+    ls.set_defaults(handler=cmd_ls)
+
+    stats = add("stats", "counts by status, capacity, evictions (read-only)")
+    stats.add_argument("--json", action="store_true", help="print JSON")
+    stats.set_defaults(handler=cmd_stats)
+
+    export = add("export", "write Label Studio tasks or JSON Lines (read-only)")
+    _add_output(export)
+    export.add_argument("--status", choices=("queued", "claimed", "done"))
+    export.add_argument("--model")
+    export.add_argument("--limit", type=_count, default=0, help="items to export (0: all)")
+    export.set_defaults(handler=cmd_export)
+
+    claim = add("claim", "take the most-OOD queued items under a lease")
+    claim.add_argument("--worker", required=True, help="who is labelling")
+    claim.add_argument("-n", type=_positive, default=10, help="items to claim (default 10)")
+    claim.add_argument(
+        "--lease",
+        type=float,
+        default=3600.0,
+        help="lease in seconds; unfinished items come back after it (default 3600)",
+    )
+    _add_output(claim, default=None)
+    claim.set_defaults(handler=cmd_claim)
+
+    done = add("done", "record the label of an item")
+    done.add_argument("id", metavar="ID")
+    done.add_argument("label", metavar="LABEL")
+    done.add_argument("--worker", help="refuse if another worker holds a live lease on it")
+    done.set_defaults(handler=cmd_done)
+
+    release = add("release", "give a claimed item back to the queue")
+    release.add_argument("id", metavar="ID")
+    release.add_argument("--worker", help="refuse if another worker holds a live lease on it")
+    release.set_defaults(handler=cmd_release)
+    return queue
+
+
+def _add_output(parser: argparse.ArgumentParser, default: str | None = "-") -> None:
+    parser.add_argument(
+        "-o", "--output", default=default, help="file to write ('-': standard output)"
+    )
+    parser.add_argument(
+        "--format",
+        choices=FORMATS,
+        default="label-studio",
+        help="Label Studio import JSON (default) or JSON Lines",
+    )
+    parser.add_argument(
+        "--class-names", help="comma-separated class names, for Label Studio predictions"
+    )
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a count >= 0, got {text}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _open(url: str, *, read_only: bool) -> LabelQueue:
+    try:
+        return LabelQueue(url, read_only=read_only, create=False)
+    except ImportError as err:  # psycopg missing: say what to install, no traceback
+        raise QueueError(str(err)) from err
+
+
+# ---------------------------------------------------------------------- handlers
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    with _open(args.url, read_only=True) as queue:
+        items = queue.items(args.status, model=args.model, limit=args.limit or None)
+        total = queue.stats()
+    print(format_items(items))
+    shown = f"{len(items)} of {total.total} items"
+    print(f"{shown} ({total.queued} queued, {total.claimed} claimed, {total.done} done)")
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with _open(args.url, read_only=True) as queue:
+        stats = queue.stats()
+        url = queue.url
+    if args.json:
+        print(json.dumps({"url": url, **stats.as_dict()}, indent=1))
+        return 0
+    rows = [("queue", url), *((k, str(v)) for k, v in stats.as_dict().items())]
+    print(format_table(["FIELD", "VALUE"], rows))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    with _open(args.url, read_only=True) as queue:
+        items = queue.iter_items(
+            args.status, model=args.model, limit=args.limit or None, include_inputs=True
+        )
+        count = _write(items, args)
+    if args.output != "-":
+        print(f"wrote {count} items to {args.output} ({args.format})", file=sys.stderr)
+    return 0
+
+
+def cmd_claim(args: argparse.Namespace) -> int:
+    with _open(args.url, read_only=False) as queue:
+        items = queue.claim(args.n, args.worker, args.lease)
+    if args.output is not None:
+        _write(items, args)
+    if args.output != "-":
+        print(format_items(items))
+        until = _iso(items[0].lease_expires_at) if items else "-"
+        print(f"claimed {len(items)} items for {args.worker} until {until}")
+    return 0
+
+
+def cmd_done(args: argparse.Namespace) -> int:
+    with _open(args.url, read_only=False) as queue:
+        item = queue.done(args.id, args.label, worker=args.worker)
+    print(f"{item.id}: labelled {item.label!r}")
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    with _open(args.url, read_only=False) as queue:
+        queue.release(args.id, worker=args.worker)
+    print(f"{args.id}: released")
+    return 0
+
+
+def _write(items: Any, args: argparse.Namespace) -> int:
+    names = None if not args.class_names else [n.strip() for n in args.class_names.split(",")]
+    dest = sys.stdout if args.output == "-" else args.output
+    if args.format == "jsonl":
+        return write_jsonl(items, dest)
+    return write_label_studio(items, dest, class_names=names)
+
+
+# ---------------------------------------------------------------------- tables
+
+
+def format_items(items: Sequence[QueueItem]) -> str:
+    """A readable table of items (no inputs)."""
+    headers = [
+        "ID",
+        "STATUS",
+        "P_VALUE",
+        "DISTANCE",
+        "PRED",
+        "SEEN",
+        "MODEL",
+        "LAST_SEEN",
+        "INPUT",
+        "WORKER",
+        "LABEL",
+    ]
+    rows = []
+    for item in items:
+        if item.input_ref is not None:
+            source = item.input_ref
+        elif item.input_size is not None or item.input_npy is not None:
+            source = f"npy {item.input_size or len(item.input_npy or b'')} B"
+        else:
+            source = "-"
+        rows.append(
+            [
+                item.id,
+                item.status,
+                f"{item.p_value:.3g}",
+                f"{item.distance:.4g}",
+                str(item.predicted),
+                str(item.seen_count),
+                item.model_tag,
+                _iso(item.last_seen_at),
+                _clip(source, 40),
+                item.claimed_by or "-",
+                item.label or "-",
+            ]
+        )
+    return format_table(headers, rows) if rows else "(no items)"
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in [list(headers), *rows]
+    ]
+    return "\n".join(lines)
+
+
+def _clip(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _iso(t: float | None) -> str:
+    if t is None:
+        return "-"
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

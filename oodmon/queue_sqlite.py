@@ -1,0 +1,155 @@
+"""SQLite backend of the label queue: one file, WAL journal, one transaction per call.
+
+Writers take the database lock up front (``BEGIN IMMEDIATE``), so a claim, an add and a
+done never interleave; readers use plain ``BEGIN`` and see a consistent snapshot while a
+writer works (WAL). ``synchronous=FULL`` makes every committed transaction durable before
+``COMMIT`` returns, which is what :class:`~oodmon.queue_writer.QueueWriter` reports as
+committed. A read-only queue opens the file with ``mode=ro``: SQLite may create the
+``-wal``/``-shm`` side files it needs to read, but never changes the database.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from oodmon.label_queue import (
+    NotAQueueError,
+    QueueError,
+    QueueUnavailableError,
+    QueueURL,
+    ReadOnlyQueueError,
+)
+
+
+class SQLiteBackend:
+    """A label-queue backend over one SQLite file (see :class:`oodmon.LabelQueue`)."""
+
+    name = "sqlite"
+    float_type = "REAL"
+    blob_type = "BLOB"
+    lock_clause = ""
+
+    def __init__(
+        self, location: QueueURL, *, read_only: bool, create: bool, timeout: float
+    ) -> None:
+        self.location = location
+        self.read_only = read_only
+        path = location.target
+        memory = path == ":memory:"
+        if memory and read_only:
+            raise ValueError("An in-memory SQLite queue cannot be opened read-only.")
+        if not memory:
+            file = Path(path)
+            if file.is_dir():
+                raise ValueError(f"{path} is a directory, not a label-queue file.")
+            if not file.exists():
+                if read_only or not create:
+                    raise FileNotFoundError(f"No label queue at {path}: the file does not exist.")
+                if not file.parent.is_dir():
+                    raise FileNotFoundError(
+                        f"Cannot create a label queue at {path}: the directory {file.parent} "
+                        "does not exist."
+                    )
+        try:
+            if read_only:
+                uri = "file:" + quote(str(Path(path).resolve())) + "?mode=ro"
+                self.conn = sqlite3.connect(
+                    uri, uri=True, timeout=timeout, isolation_level=None, check_same_thread=False
+                )
+            else:
+                self.conn = sqlite3.connect(
+                    path, timeout=timeout, isolation_level=None, check_same_thread=False
+                )
+        except sqlite3.Error as err:
+            raise QueueUnavailableError(f"Cannot open the label queue {path}: {err}.") from err
+        try:
+            if not read_only and not memory:
+                mode = self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise QueueError(f"Could not switch {path} to WAL mode (got {mode!r}).")
+                self.conn.execute("PRAGMA synchronous = FULL")
+            self.conn.execute("PRAGMA query_only = " + ("ON" if read_only else "OFF"))
+            self.conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        except sqlite3.DatabaseError as err:
+            self.conn.close()
+            raise NotAQueueError(f"{path} is not a usable SQLite database: {err}.") from err
+        except BaseException:
+            self.conn.close()
+            raise
+
+    # ------------------------------------------------------------------ Backend protocol
+
+    @contextmanager
+    def transaction(self, write: bool) -> Iterator[None]:
+        if write and self.read_only:
+            raise ReadOnlyQueueError(f"The label queue {self.location.redacted} is read-only.")
+        self._run(self.conn.execute, "BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            yield
+        except BaseException:
+            if self.conn.in_transaction:
+                with suppress(sqlite3.Error):  # the original error matters more
+                    self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self._run(self.conn.execute, "COMMIT")
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        cursor = self._run(self.conn.execute, sql, tuple(params))
+        try:
+            return cursor.fetchall()
+        finally:
+            cursor.close()
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        cursor = self._run(self.conn.execute, sql, tuple(params))
+        try:
+            return cursor.rowcount
+        finally:
+            cursor.close()
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        if rows:
+            self._run(self.conn.executemany, sql, [tuple(r) for r in rows]).close()
+
+    def table_names(self) -> set[str]:
+        rows = self.query("SELECT name FROM sqlite_master WHERE type = 'table'")
+        return {str(name) for (name,) in rows}
+
+    def serialize_adders(self) -> None:
+        """Nothing to do: ``BEGIN IMMEDIATE`` already holds the only write lock."""
+
+    def serialize_schema(self) -> None:
+        """Nothing to do: ``BEGIN IMMEDIATE`` already holds the only write lock."""
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # ------------------------------------------------------------------ errors
+
+    def _run(self, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except sqlite3.OperationalError as err:
+            text = str(err)
+            where = self.location.redacted
+            if "readonly" in text or "read-only" in text:
+                raise ReadOnlyQueueError(f"The label queue {where} is read-only: {text}.") from err
+            if "locked" in text or "busy" in text:
+                raise QueueUnavailableError(
+                    f"The label queue {where} stayed locked by another process: {text}."
+                ) from err
+            if "no such table" in text or "no such column" in text:
+                raise QueueError(f"The label queue {where} is damaged: {text}.") from err
+            raise QueueUnavailableError(f"The label queue {where} failed: {text}.") from err
+        except sqlite3.DatabaseError as err:
+            if "not a database" in str(err):
+                raise NotAQueueError(
+                    f"{self.location.redacted} is not an SQLite database: {err}."
+                ) from err
+            raise QueueError(f"The label queue {self.location.redacted} failed: {err}.") from err

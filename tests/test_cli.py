@@ -1,0 +1,209 @@
+"""CLI: every command's happy path and its bad-input errors, in-process and as a subprocess."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import id_logits
+
+from oodmon import Detector
+from oodmon.cli import main
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, Path]:
+    cal = id_logits(500, seed=1)
+    test = torch.cat([id_logits(20, seed=2), torch.zeros(5, 10)])  # 5 rows at the uniform OCS
+    labels = torch.randint(0, 10, (2000,), generator=torch.Generator().manual_seed(3))
+    paths = {
+        "cal": tmp_path / "cal.pt",
+        "cal_npy": tmp_path / "cal.npy",
+        "test": tmp_path / "test.npy",
+        "labels": tmp_path / "labels.npy",
+        "detector": tmp_path / "detector.json",
+    }
+    torch.save({"logits": cal}, paths["cal"])
+    np.save(paths["cal_npy"], cal.numpy())
+    np.save(paths["test"], test.numpy())
+    np.save(paths["labels"], labels.numpy())
+    return paths
+
+
+def run(*argv: str) -> int:
+    return main([str(a) for a in argv])
+
+
+def test_calibrate_score_inspect(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = run(
+        "calibrate", "--outputs", files["cal"], "--labels", files["labels"],
+        "--num-classes", "10", "--alpha", "0.1", "-o", files["detector"],
+    )  # fmt: skip
+    assert code == 0
+    assert "500 calibration samples" in capsys.readouterr().out
+    detector = Detector.load(files["detector"])
+    assert detector.alpha == 0.1 and detector.n_calibration_ == 500
+
+    out_csv = files["detector"].with_name("verdicts.csv")
+    assert (
+        run("score", "--detector", files["detector"], "--outputs", files["test"], "-o", out_csv)
+        == 0
+    )
+    with out_csv.open() as stream:
+        rows = list(csv.DictReader(stream))
+    assert len(rows) == 25
+    expected = detector.predict(np.load(files["test"]))
+    assert [r["flag"] == "True" for r in rows] == expected.flag.tolist()
+    assert all(r["flag"] == "True" for r in rows[20:])  # the OCS rows are flagged
+    np.testing.assert_allclose([float(r["p_value"]) for r in rows], expected.p_value.numpy())
+
+    assert (
+        run(
+            "score",
+            "--detector",
+            files["detector"],
+            "--outputs",
+            files["test"],
+            "--format",
+            "jsonl",
+        )
+        == 0
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 25 and json.loads(lines[0])["index"] == 0
+
+    assert run("inspect", files["detector"]) == 0
+    text = capsys.readouterr().out
+    assert "ocs_kl" in text and "500 samples" in text and detector.calibration_hash_ in text
+    assert run("inspect", "--json", files["detector"]) == 0
+    assert json.loads(capsys.readouterr().out)["calibration"]["n"] == 500
+
+
+def test_calibrate_with_counts_and_other_losses(files: dict[str, Path], tmp_path: Path) -> None:
+    assert run("calibrate", "--outputs", files["cal_npy"], "--counts", ",".join(["5"] * 10),
+               "--score", "energy", "-o", tmp_path / "d.json") == 0  # fmt: skip
+    assert Detector.load(tmp_path / "d.json").score == "energy"
+    targets = tmp_path / "targets.npy"
+    np.save(targets, np.random.default_rng(0).normal(size=(300, 2)))
+    outputs = tmp_path / "reg.npy"
+    np.save(outputs, np.random.default_rng(1).normal(size=(300, 2)))
+    assert run("calibrate", "--loss", "mse", "--targets", targets, "--outputs", outputs,
+               "-o", tmp_path / "reg.json") == 0  # fmt: skip
+    assert Detector.load(tmp_path / "reg.json").ocs.loss == "mse"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["calibrate", "--outputs", "missing.pt", "--counts", "1,2"], "outputs file not found"),
+        (["calibrate", "--outputs", "{cal}", "--counts", "1,x"], "comma-separated integers"),
+        (["calibrate", "--outputs", "{cal}"], "exactly one of --labels FILE or --counts"),
+        (["calibrate", "--outputs", "{cal}", "--labels", "{labels}"], "needs --num-classes"),
+        (["calibrate", "--outputs", "{cal}", "--counts", "1,2,3"], "10 columns.*got 10|3 outputs"),
+        (["calibrate", "--outputs", "{labels}", "--counts", "1,2"], "columns|shape"),
+        (
+            [
+                "calibrate",
+                "--outputs",
+                "{cal}",
+                "--counts",
+                ",".join(["1"] * 10),
+                "--alpha",
+                "0.0001",
+            ],
+            "at least 9999",
+        ),
+        (["calibrate", "--outputs", "{detector_missing}", "--counts", "1"], "not found"),
+        (["calibrate", "--outputs", "{text}", "--counts", "1"], "a .pt or .npy file"),
+        (["calibrate", "--loss", "mse", "--outputs", "{cal}"], "needs --targets"),
+        (["score", "--detector", "nope.json", "--outputs", "{test}"], "detector file not found"),
+        (["score", "--detector", "{text}", "--outputs", "{test}"], "not valid JSON"),
+        (["inspect", "{text}"], "not valid JSON"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(
+    argv: list[str], message: str, files: dict[str, Path], tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    text = tmp_path / "notes.txt"
+    text.write_text("{hello")
+    subs = {"cal": files["cal"], "labels": files["labels"], "test": files["test"], "text": text,
+            "detector_missing": tmp_path / "nothing.npy"}  # fmt: skip
+    code = run(*[a.format(**subs) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("oodmon: error: ") and err.count("\n") == 1
+    assert "Traceback" not in err
+    import re
+
+    assert re.search(message, err), err
+
+
+def test_score_with_wrong_width_detector(files: dict[str, Path], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    narrow = tmp_path / "narrow.npy"
+    np.save(narrow, np.zeros((3, 4), dtype=np.float32))
+    run(
+        "calibrate",
+        "--outputs",
+        files["cal"],
+        "--counts",
+        ",".join(["1"] * 10),
+        "-o",
+        files["detector"],
+    )
+    assert run("score", "--detector", files["detector"], "--outputs", narrow) == 2
+    assert "10 columns" in capsys.readouterr().err
+
+
+def test_usage_errors_and_help() -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["frobnicate"])
+    assert exit_info.value.code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+
+
+@pytest.mark.parametrize("command", ["calibrate", "score", "inspect", "queue", "demo"])
+def test_every_command_has_help(command: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "oodmon.cli", command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "usage: oodmon" in result.stdout
+
+
+def test_subprocess_error_has_no_traceback(files: dict[str, Path]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "oodmon.cli", "score", "--detector", "missing.json", "--outputs",
+         str(files["test"])],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip() == "oodmon: error: detector file not found: missing.json"
+
+
+def test_console_script_runs_end_to_end(files: dict[str, Path]) -> None:
+    exe = Path(sys.executable).with_name("oodmon")
+    assert exe.exists(), "the `oodmon` console script is not installed next to this Python"
+    result = subprocess.run(
+        [str(exe), "calibrate", "--outputs", str(files["cal"]), "--labels", str(files["labels"]),
+         "--num-classes", "10", "-o", str(files["detector"])],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    inspect = subprocess.run([str(exe), "inspect", str(files["detector"])], capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+    assert inspect.returncode == 0 and "cross_entropy" in inspect.stdout

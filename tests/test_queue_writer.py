@@ -1,0 +1,423 @@
+"""QueueWriter: the Monitor's label-queue sink, with a real SQLite file behind it."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import postgres_server
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from oodmon import OCS, Detector
+from oodmon.label_queue import (
+    AddResult,
+    LabelQueue,
+    QueueItem,
+    QueueUnavailableError,
+    npy_bytes,
+)
+from oodmon.metrics import PrometheusMetrics
+from oodmon.monitor import Monitor
+from oodmon.queue_writer import QueueWriter, observation_items
+from oodmon.sinks import InMemoryMetrics, QueueSink
+from oodmon.verdict import HostVerdict, Observation
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_detector(seed: int = 0) -> Detector:
+    g = torch.Generator().manual_seed(seed)
+    ocs = OCS.cross_entropy(counts=[10] * 10)
+    return Detector(ocs, alpha=0.1).fit(torch.randn(400, 10, generator=g) * 6)
+
+
+def logits(n: int, seed: int) -> torch.Tensor:
+    """Outputs from confident (in-distribution-like) to flat (close to the OCS, flagged)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 10, generator=g) * torch.linspace(0.05, 8.0, n)[:, None]
+
+
+def observation(p, d=None, inputs=None, ids=None) -> Observation:
+    p = np.asarray(p, dtype=float)
+    d = np.ones_like(p) if d is None else np.asarray(d, dtype=float)
+    verdict = HostVerdict(
+        score=-d,
+        distance=d,
+        p_value=p,
+        flag=np.ones(p.size, dtype=bool),
+        invalid=np.zeros(p.size, dtype=bool),
+        predicted=np.arange(p.size, dtype=np.int64),
+    )
+    return Observation(model="m", version="1", verdict=verdict, inputs=inputs, ids=ids)
+
+
+class StalledQueue:
+    """A queue whose writes hang until released (a database that stopped answering)."""
+
+    def __init__(self, inner: LabelQueue) -> None:
+        self.inner = inner
+        self.release = threading.Event()
+        self.calls = 0
+
+    def add(self, items):
+        self.calls += 1
+        self.release.wait(30)
+        return self.inner.add(items)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class FlakyQueue:
+    """Fails the first ``failures`` writes as an unreachable server would."""
+
+    def __init__(self, inner: LabelQueue | None, failures: int) -> None:
+        self.inner = inner
+        self.failures = failures
+
+    def add(self, items) -> AddResult:
+        if self.failures:
+            self.failures -= 1
+            raise QueueUnavailableError("Cannot connect to the label queue: connection refused")
+        assert self.inner is not None
+        return self.inner.add(items)
+
+    def close(self) -> None:
+        if self.inner is not None:
+            self.inner.close()
+
+
+def wait_for(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def test_writer_is_a_queue_sink(tmp_path):
+    with QueueWriter(tmp_path / "q.db") as writer:
+        assert isinstance(writer, QueueSink)
+        assert writer.depth() is None  # nothing committed yet, and no I/O to find out
+
+
+def test_monitor_writes_exactly_the_flagged_rows(tmp_path):
+    path = tmp_path / "q.db"
+    metrics = InMemoryMetrics()
+    detector = make_detector()
+    writer = QueueWriter(
+        str(path), batch_rows=16, flush_interval=0.01, calibration=detector.calibration_hash_
+    )
+    monitor = Monitor(detector, "mnist", "v1", metrics=metrics, queue=writer)
+    expected = {}
+    for seed in range(5):
+        x = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+        ids = [f"req-{seed}-{i}" for i in range(40)]
+        verdict = monitor.observe(logits(40, seed), inputs=x, ids=ids)
+        for i in np.flatnonzero(verdict.flag.numpy()):
+            expected[ids[i]] = (
+                x[i].numpy(),
+                float(verdict.p_value[i]),
+                float(verdict.distance[i]),
+                int(verdict.predicted[i]),
+            )
+    monitor.close()  # closes (flushes) the writer
+    assert 20 < len(expected) < 200
+    assert writer.committed_rows == len(expected) and writer.dropped == writer.failed == 0
+    assert writer.committed_batches >= len(expected) // 16
+    assert writer.depth() == len(expected)
+    assert metrics.queue_dropped == 0 and metrics.errors == {}
+    with LabelQueue(path, read_only=True) as q:
+        items = {it.id: it for it in q.items(include_inputs=True)}
+    assert set(items) == set(expected)
+    for item_id, (x, p, d, pred) in expected.items():
+        item = items[item_id]
+        np.testing.assert_array_equal(item.input, x)
+        assert (item.p_value, item.distance, item.predicted) == (p, pytest.approx(d), pred)
+        assert item.model_tag == f"mnist@v1#{detector.calibration_hash_}"
+
+
+def test_submit_never_waits_for_a_stalled_database(tmp_path):
+    stalled = StalledQueue(LabelQueue(tmp_path / "q.db"))
+    metrics = InMemoryMetrics()
+    writer = QueueWriter(stalled, buffer_rows=50, batch_rows=10, flush_interval=0.0)
+    monitor = Monitor(make_detector(), "mnist", "v1", metrics=metrics, queue=writer)
+    flagged = 0
+    slowest = 0.0
+    for seed in range(30):
+        start = time.perf_counter()
+        verdict = monitor.observe(logits(20, seed), inputs=torch.rand(20, 4))
+        slowest = max(slowest, time.perf_counter() - start)
+        flagged += int(verdict.flag.sum())
+    assert slowest < 0.25, "observe() waited for the database"
+    assert stalled.calls == 1  # one batch is stuck in the database, the rest is buffered
+    assert writer.buffered == 50  # bounded
+    assert writer.dropped > 0
+    assert metrics.queue_dropped == writer.dropped  # the Monitor exports what was dropped
+    stalled.release.set()
+    monitor.close()
+    assert writer.failed == 0 and 50 < writer.committed_rows <= 60
+    assert writer.committed_rows + writer.dropped == flagged
+    stalled.close()
+
+
+def test_dropped_rows_reach_prometheus(tmp_path):
+    registry = CollectorRegistry()
+    with LabelQueue(tmp_path / "q.db") as q:
+        stalled = StalledQueue(q)
+        writer = QueueWriter(stalled, buffer_rows=5, batch_rows=1000, flush_interval=60)
+        monitor = Monitor(
+            make_detector(), "mnist", "v1", metrics=PrometheusMetrics(registry), queue=writer
+        )
+        flagged = sum(
+            int(monitor.observe(logits(40, s), inputs=torch.rand(40, 2)).flag.sum())
+            for s in range(3)
+        )
+        labels = {"model": "mnist", "model_version": "v1"}
+        assert registry.get_sample_value("oodmon_label_queue_dropped_total", labels) == (
+            flagged - 5
+        )
+        stalled.release.set()
+        monitor.close()
+        assert writer.committed_rows == 5
+
+
+def test_a_batch_that_only_partly_fits_keeps_its_most_ood_rows(tmp_path):
+    with LabelQueue(tmp_path / "q.db") as q:
+        stalled = StalledQueue(q)
+        writer = QueueWriter(stalled, buffer_rows=3, batch_rows=100, flush_interval=60)
+        dropped = writer.submit(
+            observation([0.5, 0.01, 0.3, 0.02, 0.001], ids=["a", "b", "c", "d", "e"])
+        )
+        assert dropped == 2 and writer.dropped == 2
+        assert writer.submit(observation([0.0001], ids=["f"])) == 1  # full: dropped
+        stalled.release.set()
+        writer.close()
+        assert sorted(it.id for it in q.items()) == ["b", "d", "e"]
+
+
+def test_writer_retries_until_the_database_comes_back(tmp_path, caplog):
+    with LabelQueue(tmp_path / "q.db") as q:
+        flaky = FlakyQueue(q, failures=3)
+        writer = QueueWriter(flaky, retry_initial=0.01, flush_interval=0.0)
+        assert writer.submit(observation([0.01, 0.02], ids=["a", "b"])) == 0
+        assert writer.flush(timeout=10)
+        assert writer.retries == 3 and writer.committed_rows == 2 and writer.last_error is None
+        assert [it.id for it in q.items()] == ["a", "b"]
+        writer.close()
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1  # logged once, then only counted
+    assert "retrying" in warnings[0].getMessage()
+
+
+def test_close_gives_up_at_its_deadline_and_counts_the_loss():
+    writer = QueueWriter(
+        FlakyQueue(None, failures=10**9),
+        retry_initial=0.01,
+        retry_max=0.05,
+        flush_interval=0.0,
+        batch_rows=8,
+    )
+    assert writer.submit(observation(np.full(30, 0.01))) == 0
+    start = time.monotonic()
+    writer.close(timeout=0.3)
+    assert time.monotonic() - start < 3
+    assert writer.failed == 30 and writer.committed_rows == 0
+    assert writer.submit(observation([0.01])) == 1  # closed: dropped, not raised
+
+
+def test_submit_never_raises_into_the_caller(tmp_path):
+    with QueueWriter(tmp_path / "q.db") as writer:
+        assert writer.submit(object()) == 0  # type: ignore[arg-type]
+        assert writer.submit(None) == 0  # type: ignore[arg-type]
+
+
+def test_unconvertible_rows_are_counted_not_fatal(tmp_path):
+    with LabelQueue(tmp_path / "q.db") as q:
+        writer = QueueWriter(q, flush_interval=0.0)
+        rows = [np.zeros(3), {"not": "an array"}, "s3://ok"]
+        writer.submit(observation([0.01, 0.02, 0.03], inputs=rows, ids=["a", "b", "c"]))
+        writer.close()
+        assert writer.failed == 1 and writer.committed_rows == 2
+        assert [it.id for it in q.items()] == ["a", "c"]
+
+
+def test_unreachable_postgres_never_logs_the_password(caplog):
+    pytest.importorskip("psycopg")
+    secret = "Hunter2-very-secret"
+    port = postgres_server.free_port()
+    url = f"postgresql://alice:{secret}@127.0.0.1:{port}/labels?connect_timeout=1"
+    caplog.set_level(logging.DEBUG)
+    writer = QueueWriter(url, retry_initial=0.05, retry_max=0.1, flush_interval=0.0)
+    assert secret not in repr(writer)
+    start = time.perf_counter()
+    assert writer.submit(observation([0.01, 0.02])) == 0
+    assert time.perf_counter() - start < 0.1
+    assert wait_for(lambda: writer.retries >= 2)
+    error = writer.last_error
+    writer.close(timeout=0.2)
+    assert error is not None and "alice:***@127.0.0.1" in error and secret not in error
+    assert caplog.records and secret not in caplog.text
+    assert writer.failed == 2
+
+
+def test_reference_only_mode(tmp_path):
+    with LabelQueue(tmp_path / "q.db") as q:
+        writer = QueueWriter(q, store_inputs=False, flush_interval=0.0)
+        x = torch.rand(2, 3)
+        writer.submit(observation([0.01, 0.02], inputs=x, ids=["s3://b/1", "s3://b/2"]))
+        writer.submit(observation([0.03], inputs=["gs://c/3"]))
+        writer.close()
+        items = q.items(include_inputs=True)
+    assert [it.input_ref for it in items] == ["s3://b/1", "s3://b/2", "gs://c/3"]
+    assert all(it.input_npy is None and it.input_size is None for it in items)
+    expected = QueueItem.create(model="m", version="1", p_value=0.5, distance=1, input=x[0])
+    assert items[0].content_hash == expected.content_hash  # still deduplicated by content
+
+
+class SpyTensor(torch.Tensor):
+    """Records the thread on which an input is copied to the host."""
+
+    threads: ClassVar[list[str]] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in ("cpu", "numpy"):
+            cls.threads.append(threading.current_thread().name)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_inputs_move_to_the_host_on_the_writer_thread(tmp_path):
+    SpyTensor.threads.clear()
+    writer = QueueWriter(tmp_path / "q.db", flush_interval=0.0)
+    monitor = Monitor(make_detector(), "mnist", "v1", queue=writer)
+    x = torch.rand(40, 3).as_subclass(SpyTensor)
+    verdict = monitor.observe(logits(40, 1), inputs=x)
+    monitor.close()
+    # copied to the host only on the writer thread, never on the inference thread
+    assert SpyTensor.threads and set(SpyTensor.threads) == {"oodmon-queue-writer"}
+    assert writer.committed_rows == int(verdict.flag.sum())
+
+
+def test_one_transaction_per_batch_and_on_commit(tmp_path):
+    batches: list[list[str]] = []
+    with LabelQueue(tmp_path / "q.db") as q:
+        writer = QueueWriter(q, batch_rows=4, flush_interval=60, on_commit=batches.append)
+        writer.submit(observation(np.linspace(0.01, 0.1, 10), ids=[str(i) for i in range(10)]))
+        assert writer.flush(timeout=10)
+        assert [len(b) for b in batches] == [4, 4, 2] and writer.committed_batches == 3
+        assert [i for b in batches for i in b] == [str(i) for i in range(10)]
+        writer.close()
+
+
+def test_a_lone_row_is_written_after_flush_interval(tmp_path):
+    with LabelQueue(tmp_path / "q.db") as q:
+        writer = QueueWriter(q, batch_rows=1000, flush_interval=0.05)
+        writer.submit(observation([0.01]))
+        assert wait_for(lambda: writer.committed_rows == 1, timeout=5)
+        writer.close()
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="buffer_rows"):
+        QueueWriter("q.db", buffer_rows=0)
+    with pytest.raises(ValueError, match="scheme"):
+        QueueWriter("mysql://u:pw@h/db")
+    with pytest.raises(ValueError, match="LabelQueue"):
+        QueueWriter(42)  # type: ignore[arg-type]
+
+
+def test_a_read_only_queue_is_refused(tmp_path):
+    LabelQueue(tmp_path / "q.db").close()
+    with (
+        LabelQueue(tmp_path / "q.db", read_only=True) as ro,
+        pytest.raises(ValueError, match="read-only"),
+    ):
+        QueueWriter(ro)
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [
+        np.random.default_rng(0).normal(size=(4, 2, 3)).astype(np.float32),
+        np.arange(4, dtype=np.int16),
+        torch.rand(4, 5)[:, ::2],
+    ],
+)
+def test_observation_items_encode_exactly_like_np_save(rows):
+    items, bad = observation_items(observation([0.1] * 4, inputs=rows))
+    assert bad == 0
+    for item, row in zip(items, rows, strict=True):
+        assert item.input_npy == npy_bytes(row)
+        assert item.content_hash == hashlib.sha256(npy_bytes(row)).hexdigest()
+
+
+def test_observation_items_reads_every_input_kind():
+    x = np.arange(6, dtype=np.int16).reshape(3, 2)
+    items, bad = observation_items(observation([0.1, 0.2, 0.3], inputs=x, ids=["a", None, "c"]))
+    assert bad == 0 and items[0].id == "a" and items[2].id == "c" and len(items[1].id) == 32
+    np.testing.assert_array_equal(items[1].input, x[1])
+    with pytest.raises(ValueError, match="3 inputs"):
+        observation_items(observation([0.1, 0.2, 0.3], inputs=x[:2]))
+
+
+@pytest.mark.parametrize("through", ["monitor", "writer"])
+def test_interpreter_exit_flushes(tmp_path, through):
+    """Never closed: the exit hooks write everything (via Monitor.submit, or the writer alone)."""
+    path = tmp_path / "q.db"
+    script = textwrap.dedent(f"""
+        import numpy as np
+        import torch
+        from oodmon import OCS, Detector
+        from oodmon.monitor import Monitor
+        from oodmon.queue_writer import QueueWriter
+        from oodmon.verdict import HostVerdict, Observation
+
+        writer = QueueWriter({str(path)!r}, batch_rows=10_000, flush_interval=3600)
+        if {through!r} == "monitor":
+            ocs = OCS.cross_entropy(counts=[10] * 10)
+            det = Detector(ocs, alpha=0.1).fit(torch.randn(400, 10) * 6)
+            monitor = Monitor(det, "mnist", "v1", queue=writer)
+            flat = torch.zeros(25, 10)  # exactly the OCS: every row flagged
+            for i in range(4):
+                monitor.submit(flat + i * 1e-3, inputs=torch.rand(25, 4),
+                               ids=[f"{{i}}-{{j}}" for j in range(25)])
+        else:
+            p = np.linspace(0.001, 0.01, 100)
+            v = HostVerdict(score=-p, distance=p, p_value=p, flag=np.ones(100, bool),
+                            invalid=np.zeros(100, bool), predicted=np.zeros(100, np.int64))
+            writer.submit(Observation("m", "1", v, inputs=torch.rand(100, 4)))
+    """)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr
+    with LabelQueue(path, read_only=True) as q:
+        assert q.stats().queued == 100
+
+
+def test_monitor_tells_the_writer_its_calibration(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from oodmon import OCS, Detector, LabelQueue, Monitor, QueueWriter
+
+    detector = Detector(OCS.cross_entropy(counts=[1] * 4)).fit(torch.randn(100, 4) * 3)
+    writer = QueueWriter(tmp_path / "q.sqlite")
+    with Monitor(detector, "m", "1", queue=writer) as monitor:
+        monitor.observe(torch.zeros(3, 4), inputs=torch.arange(3.0).unsqueeze(1))
+    assert writer.calibration == detector.calibration_hash_
+    with LabelQueue(tmp_path / "q.sqlite", read_only=True) as queue:
+        items = queue.items()
+    assert len(items) == 3
+    assert all(detector.calibration_hash_ in item.model_tag for item in items)
