@@ -2,10 +2,11 @@
 
 Run:  .venv/bin/python benchmarks/overhead.py [--rounds 30] [--skip-resnet] [--json out.json]
 
-Each configuration runs in interleaved rounds: bare, wrapped (background scoring, the
-default), wrapped (synchronous scoring), bare, ... so that machine noise hits all of them
-alike. A round times several forward calls; the ratio wrapped/bare is taken per round and the
-table reports its median and interquartile range. Every wrapped model has Prometheus metrics
+Each configuration runs in interleaved rounds (bare, wrapped with background scoring, the
+default, and wrapped with synchronous scoring), in a shuffled order each round, so that
+machine noise and order effects hit all of them alike. A round times several forward calls;
+the ratio wrapped/bare is taken per round and the table reports its median and interquartile
+range. Every wrapped model has Prometheus metrics
 and an SQLite label queue attached, as in production. Background time is included: after
 each wrapped round the monitor is flushed inside the timed region, so work pushed onto the
 background thread is paid for, not hidden.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import tempfile
 import time
@@ -94,8 +96,12 @@ def run_case(case: Case, rounds: int, workdir: Path) -> dict[str, object]:
                 model(x)
                 if monitor is not None:
                     monitor.flush()
+        order = list(configs)
+        shuffler = random.Random(0)
         for _ in range(rounds):
-            for name, (model, monitor) in configs.items():
+            shuffler.shuffle(order)
+            for name in order:
+                model, monitor = configs[name]
                 start = time.perf_counter()
                 for _ in range(case.calls_per_round):
                     model(x)

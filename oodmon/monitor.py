@@ -173,7 +173,7 @@ class Monitor:
         strict: bool = False,
         max_pending: int = DEFAULT_MAX_PENDING,
         max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES,
-        linger: float = 0.02,
+        linger: float = 0.1,
         max_batch_rows: int = 4096,
     ) -> None:
         if not isinstance(detector, Detector):

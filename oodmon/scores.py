@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from oodmon.ocs import OCS
+from oodmon.ocs import LOSSES, OCS
 
 InputKind = Literal["logits", "probs", "log_probs"]
 INPUT_KINDS: tuple[str, ...] = ("logits", "probs", "log_probs")
@@ -319,14 +319,7 @@ _DISTANCE_KINDS: dict[str, tuple[str, ...]] = {
     "reward_prediction": ("logits",),
     "custom": ("logits",),
 }
-_ALL_LOSSES = (
-    "cross_entropy",
-    "binary_cross_entropy",
-    "mse",
-    "gaussian_nll",
-    "reward_prediction",
-    "custom",
-)
+_ALL_LOSSES = LOSSES
 
 SCORES: dict[str, ScoreSpec] = {
     spec.name: spec

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import id_logits
 from scipy.stats import false_discovery_control
 
 from oodmon import OCS, Detector, FormatVersionError, NotFittedError
@@ -16,10 +17,8 @@ K = 10
 
 
 def _id_logits(n: int, gen: torch.Generator) -> torch.Tensor:
-    """Exchangeable "in-distribution" logits: one class pushed up, like a trained model."""
-    z = torch.randn(n, K, generator=gen)
-    z[torch.arange(n), torch.randint(0, K, (n,), generator=gen)] += 4.0
-    return z
+    """Exchangeable "in-distribution" logits (see conftest.id_logits), from a generator."""
+    return id_logits(n, seed=int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
 
 
 @pytest.fixture(scope="module")
