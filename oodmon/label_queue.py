@@ -38,26 +38,21 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import json
 import math
 import os
-import re
-import struct
 import threading
 import time
 import uuid
-import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import IO, Any, Protocol
-from urllib.parse import unquote
 
 import numpy as np
 
 from oodmon.errors import FormatVersionError, OodmonError
+from oodmon.queue_url import QueueURL, parse_url
 
 #: Version of the database layout. Bump it (and write a migration) when the schema changes.
 SCHEMA_VERSION = 1
@@ -94,102 +89,6 @@ class ItemNotFoundError(QueueError, ValueError, LookupError):
 
 class LeaseError(QueueError, ValueError):
     """Another worker holds a live lease on the item, or the item is already labelled."""
-
-
-# ---------------------------------------------------------------------- URLs
-
-
-@dataclass(frozen=True)
-class QueueURL:
-    """A parsed queue location.
-
-    Attributes:
-        backend: ``"sqlite"`` or ``"postgresql"``.
-        target: the SQLite file path, or the full PostgreSQL URL (with credentials).
-        redacted: what may be shown to people: the URL with any password replaced by ``***``.
-    """
-
-    backend: str
-    target: str
-    redacted: str
-
-    def __repr__(self) -> str:
-        return f"QueueURL(backend={self.backend!r}, url={self.redacted!r})"
-
-
-_SECRET_QUERY_KEYS = frozenset({"password", "pass", "passwd", "sslpassword"})
-_SECRET_KV = re.compile(r"(?i)\b(password|sslpassword)\s*=\s*('[^']*'|[^\s&]+)")
-# scheme://[userinfo@]host...: found by hand, since urlsplit rejects some malformed URLs
-_AUTHORITY = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#]*)")
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password (in the user info or the query string) replaced by ``***``.
-
-    Never raises, and works on malformed URLs too (which drivers may quote in errors).
-    """
-    text = _SECRET_KV.sub(r"\1=***", str(url))
-    match = _AUTHORITY.match(text)
-    if match is None or "@" not in match.group(2):
-        return text
-    userinfo, host = match.group(2).rsplit("@", 1)
-    if ":" in userinfo:
-        userinfo = userinfo.split(":", 1)[0] + ":***"
-    return match.group(1) + userinfo + "@" + host + text[match.end() :]
-
-
-def _secrets_of(url: str) -> list[str]:
-    """The password strings in ``url`` (raw and percent-decoded), longest first."""
-    found = {m.group(2).strip("'") for m in _SECRET_KV.finditer(url)}
-    match = _AUTHORITY.match(url)
-    if match is not None and "@" in match.group(2):
-        userinfo = match.group(2).rsplit("@", 1)[0]
-        if ":" in userinfo:
-            found.add(userinfo.split(":", 1)[1])
-    found |= {unquote(s) for s in list(found)}
-    return sorted((s for s in found if s), key=len, reverse=True)
-
-
-def scrub(message: str, url: str) -> str:
-    """``message`` with every password of ``url`` replaced by ``***`` (for driver errors)."""
-    for secret in _secrets_of(url):
-        message = message.replace(secret, "***")
-    return message
-
-
-def parse_url(url: str | os.PathLike[str]) -> QueueURL:
-    """Tell the backend from a queue URL or path.
-
-    Accepted: ``postgresql://...`` / ``postgres://...``; ``sqlite:///rel.db``,
-    ``sqlite:////abs.db``, ``sqlite:///:memory:``; or a plain file path.
-
-    Raises:
-        ValueError: an empty URL or an unsupported scheme.
-    """
-    text = os.fspath(url)
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError("Expected a label-queue URL or file path, but got an empty string.")
-    lowered = text.lower()
-    if lowered.startswith(("postgresql://", "postgres://")):
-        return QueueURL("postgresql", text, redact_url(text))
-    if lowered.startswith("sqlite:"):
-        rest = text[len("sqlite:") :]
-        if not rest.startswith("///"):
-            raise ValueError(
-                f"Expected an SQLite URL like sqlite:///relative.db or sqlite:////abs/path.db, "
-                f"but got {redact_url(text)!r}."
-            )
-        path = rest[3:]
-        if not path:
-            raise ValueError("Expected a file name after sqlite:///, but got none.")
-        return QueueURL("sqlite", path, f"sqlite:///{path}")
-    match = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", text)
-    if match:
-        raise ValueError(
-            f"Unsupported label-queue URL scheme {match.group(1)!r} in {redact_url(text)!r}: "
-            "use a file path, sqlite:///path.db or postgresql://user@host/db."
-        )
-    return QueueURL("sqlite", text, text)
 
 
 # ---------------------------------------------------------------------- items
@@ -339,7 +238,7 @@ class QueueItem:
                         None if value is None else base64.b64encode(value).decode("ascii")
                     )
                 continue
-            out[name] = _finite_or_none(value) if isinstance(value, float) else value
+            out[name] = finite_or_none(value) if isinstance(value, float) else value
         return out
 
 
@@ -1033,7 +932,7 @@ class LabelQueue:
         live = status == "claimed" and expires is not None and expires > now
         if worker is not None and live and holder != worker:
             raise LeaseError(
-                f"Item {id!r} is claimed by {holder!r} until {_iso(expires)}; {worker!r} "
+                f"Item {id!r} is claimed by {holder!r} until {format_utc(expires)}; {worker!r} "
                 f"cannot {action} it (omit the worker to override)."
             )
         return str(status), holder
@@ -1170,9 +1069,12 @@ class LabelQueue:
     ) -> int:
         """Write Label Studio import JSON (a list of tasks), most OOD first.
 
-        See :func:`label_studio_task` for the task layout. Returns the number of tasks.
+        See :func:`oodmon.queue_export.label_studio_task` for the task layout. Returns the
+        number of tasks.
         """
         items = self.iter_items(status, model=model, limit=limit, include_inputs=True)
+        from oodmon.queue_export import write_label_studio
+
         return write_label_studio(
             items, dest, class_names=class_names, from_name=from_name, to_name=to_name
         )
@@ -1191,6 +1093,8 @@ class LabelQueue:
         Returns the number of lines.
         """
         items = self.iter_items(status, model=model, limit=limit, include_inputs=include_inputs)
+        from oodmon.queue_export import write_jsonl
+
         return write_jsonl(items, dest, include_inputs=include_inputs)
 
 
@@ -1251,199 +1155,13 @@ def _item(row: Sequence[Any], now: float) -> QueueItem:
     )
 
 
-def _iso(t: float | None) -> str:
+def format_utc(t: float | None) -> str:
+    """A Unix time as ``YYYY-MM-DDTHH:MM:SSZ`` (``-`` for None), for tables and messages."""
     if t is None:
         return "-"
     return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _finite_or_none(value: float | None) -> float | None:
+def finite_or_none(value: float | None) -> float | None:
+    """``value`` if it is a finite number, else None (JSON has no NaN or infinity)."""
     return value if value is not None and math.isfinite(value) else None
-
-
-# ---------------------------------------------------------------------- export formats
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """Encode a grayscale (``[H, W]``, ``[1, H, W]``, ``[H, W, 1]``) or RGB (``[3, H, W]``,
-    ``[H, W, 3]``) array as an 8-bit PNG (zlib + struct; no imaging library).
-
-    uint8 is written as is; floats in [0, 1] are scaled by 255; anything else is min-max
-    normalised to [0, 255].
-
-    Raises:
-        ValueError: the array is not image-shaped.
-    """
-    arr = _image_layout(np.asarray(image))
-    if arr is None:
-        raise ValueError(
-            f"Expected an image array [H, W] or [C, H, W], but got shape {np.asarray(image).shape}."
-        )
-    pixels = _to_uint8(arr)
-    height, width = pixels.shape[:2]
-    color_type = 2 if pixels.ndim == 3 else 0
-    rows = pixels.reshape(height, -1)
-    raw = b"".join(b"\x00" + rows[i].tobytes() for i in range(height))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(raw, 6))
-        + chunk(b"IEND", b"")
-    )
-
-
-def _image_layout(arr: np.ndarray) -> np.ndarray | None:
-    """``[H, W]`` or ``[H, W, 3]`` view of an image-like array, or None if not image-like."""
-    if arr.dtype.kind not in "biuf":
-        return None
-    if arr.ndim == 3:
-        if arr.shape[0] in (1, 3) and arr.shape[2] not in (1, 3):
-            arr = np.moveaxis(arr, 0, -1)
-        if arr.shape[2] == 1:
-            arr = arr[:, :, 0]
-        elif arr.shape[2] != 3:
-            return None
-    if arr.ndim not in (2, 3) or arr.shape[0] < 2 or arr.shape[1] < 2:
-        return None
-    return arr
-
-
-def _to_uint8(arr: np.ndarray) -> np.ndarray:
-    if arr.dtype == np.uint8:
-        return np.ascontiguousarray(arr)
-    x = arr.astype(np.float64)
-    x = np.where(np.isfinite(x), x, 0.0)
-    lo, hi = float(x.min()), float(x.max())
-    if arr.dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
-        x = x * 255.0
-    elif arr.dtype.kind in "iu" and lo >= 0 and hi <= 255:
-        pass
-    elif hi > lo:
-        x = (x - lo) * (255.0 / (hi - lo))
-    else:
-        x = np.zeros_like(x)
-    return np.ascontiguousarray(np.clip(np.rint(x), 0, 255).astype(np.uint8))
-
-
-def label_studio_task(
-    item: QueueItem,
-    *,
-    class_names: Sequence[str] | None = None,
-    from_name: str = "label",
-    to_name: str = "image",
-) -> dict[str, Any]:
-    """One Label Studio import task for ``item``.
-
-    ``data[to_name]`` is a ``data:image/png;base64`` URI for image-like inputs, else the
-    reference; a non-image input without a reference goes to ``data["input"]`` as a list.
-    The OOD evidence sits in ``data`` too. ``predictions[0]`` carries
-    ``model_version = "model@version#calibration"`` and ``score = 1 - p_value`` (in [0, 1],
-    higher = more OOD, so that sorting by score in Label Studio puts the most OOD first),
-    and the model's predicted class as a ``choices`` result.
-    """
-    data: dict[str, Any] = {}
-    array = item.input
-    layout = None if array is None else _image_layout(array)
-    if layout is not None:
-        png = base64.b64encode(png_bytes(layout)).decode("ascii")
-        data[to_name] = f"data:image/png;base64,{png}"
-    elif item.input_ref is not None:
-        data[to_name] = item.input_ref
-    elif array is not None:
-        data["input"] = (
-            np.where(np.isfinite(array), array, 0).tolist()
-            if array.dtype.kind == "f"
-            else array.tolist()
-        )
-    if item.input_ref is not None:
-        data["oodmon_ref"] = item.input_ref
-    data.update(
-        oodmon_id=item.id,
-        distance=_finite_or_none(item.distance),
-        p_value=item.p_value,
-        score=_finite_or_none(item.score),
-        predicted=item.predicted,
-        seen_count=item.seen_count,
-        model=item.model,
-        model_version=item.model_version,
-    )
-    result: list[dict[str, Any]] = []
-    if item.predicted >= 0:
-        name = (
-            class_names[item.predicted]
-            if class_names is not None and item.predicted < len(class_names)
-            else str(item.predicted)
-        )
-        result.append(
-            {
-                "from_name": from_name,
-                "to_name": to_name,
-                "type": "choices",
-                "value": {"choices": [name]},
-            }
-        )
-    prediction = {"model_version": item.model_tag, "score": 1.0 - item.p_value, "result": result}
-    return {"data": data, "predictions": [prediction]}
-
-
-def _open_text(dest: str | os.PathLike[str] | IO[str]) -> tuple[IO[str], bool]:
-    if isinstance(dest, (str, os.PathLike)):
-        path = Path(dest)
-        if not path.parent.exists():
-            raise FileNotFoundError(
-                f"Cannot write {path}: the directory {path.parent} does not exist."
-            )
-        return open(path, "w", encoding="utf-8"), True
-    return dest, False
-
-
-def write_label_studio(
-    items: Iterable[QueueItem],
-    dest: str | os.PathLike[str] | IO[str],
-    *,
-    class_names: Sequence[str] | None = None,
-    from_name: str = "label",
-    to_name: str = "image",
-) -> int:
-    """Stream ``items`` as a Label Studio task list to a path or text file. Returns the count."""
-    fh, owned = _open_text(dest)
-    count = 0
-    try:
-        fh.write("[")
-        for item in items:
-            task = label_studio_task(
-                item, class_names=class_names, from_name=from_name, to_name=to_name
-            )
-            fh.write(("\n" if count == 0 else ",\n") + json.dumps(task, allow_nan=False))
-            count += 1
-        fh.write("\n]\n" if count else "]\n")
-    finally:
-        if owned:
-            fh.close()
-    return count
-
-
-def write_jsonl(
-    items: Iterable[QueueItem],
-    dest: str | os.PathLike[str] | IO[str],
-    *,
-    include_inputs: bool = True,
-) -> int:
-    """Stream ``items`` as JSON Lines (see :meth:`QueueItem.to_json`). Returns the count."""
-    fh, owned = _open_text(dest)
-    count = 0
-    try:
-        for item in items:
-            fh.write(json.dumps(item.to_json(include_input=include_inputs), allow_nan=False))
-            fh.write("\n")
-            count += 1
-    finally:
-        if owned:
-            fh.close()
-    return count

@@ -21,16 +21,15 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
-from datetime import datetime, timezone
 from typing import Any
 
 from oodmon.label_queue import (
     LabelQueue,
     QueueError,
     QueueItem,
-    write_jsonl,
-    write_label_studio,
+    format_utc,
 )
+from oodmon.queue_export import write_jsonl, write_label_studio
 
 FORMATS = ("label-studio", "jsonl")
 
@@ -172,7 +171,7 @@ def cmd_claim(args: argparse.Namespace) -> int:
         _write(items, args)
     if args.output != "-":
         print(format_items(items))
-        until = _iso(items[0].lease_expires_at) if items else "-"
+        until = format_utc(items[0].lease_expires_at) if items else "-"
         print(f"claimed {len(items)} items for {args.worker} until {until}")
     return 0
 
@@ -234,7 +233,7 @@ def format_items(items: Sequence[QueueItem]) -> str:
                 str(item.predicted),
                 str(item.seen_count),
                 item.model_tag,
-                _iso(item.last_seen_at),
+                format_utc(item.last_seen_at),
                 _clip(source, 40),
                 item.claimed_by or "-",
                 item.label or "-",
@@ -254,9 +253,3 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def _clip(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def _iso(t: float | None) -> str:
-    if t is None:
-        return "-"
-    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")

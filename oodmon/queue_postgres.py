@@ -11,7 +11,7 @@ URL is opened. Concurrency:
 
 A read-only queue sets ``default_transaction_read_only`` on its session, so the server
 itself refuses any write. A dropped connection is re-opened on the next call. Connection
-errors never carry the password of the URL (see :func:`oodmon.label_queue.scrub`).
+errors never carry the password of the URL (see :func:`oodmon.queue_url.scrub`).
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ from typing import Any
 from oodmon.label_queue import (
     QueueError,
     QueueUnavailableError,
-    QueueURL,
     ReadOnlyQueueError,
-    scrub,
 )
+from oodmon.queue_url import QueueURL, scrub
 
 #: Advisory-lock key under which the schema is created (any constant unique to oodmon).
 _SCHEMA_LOCK_KEY = 0x00D_0000_0001

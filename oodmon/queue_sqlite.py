@@ -21,9 +21,9 @@ from oodmon.label_queue import (
     NotAQueueError,
     QueueError,
     QueueUnavailableError,
-    QueueURL,
     ReadOnlyQueueError,
 )
+from oodmon.queue_url import QueueURL
 
 
 class SQLiteBackend:

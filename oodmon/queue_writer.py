@@ -37,9 +37,8 @@ from oodmon.label_queue import (
     QueueError,
     QueueItem,
     npy_bytes,
-    parse_url,
-    scrub,
 )
+from oodmon.queue_url import parse_url, scrub
 from oodmon.sinks import DetectorSummary
 from oodmon.verdict import Observation
 

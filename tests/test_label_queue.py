@@ -32,11 +32,9 @@ from oodmon.label_queue import (
     QueueUnavailableError,
     ReadOnlyQueueError,
     SchemaVersionError,
-    label_studio_task,
-    parse_url,
-    png_bytes,
-    redact_url,
 )
+from oodmon.queue_export import label_studio_task, png_bytes
+from oodmon.queue_url import parse_url, redact_url
 
 
 class Clock:

@@ -1,0 +1,210 @@
+"""Label-queue exports: Label Studio import JSON, JSON Lines, and the PNG encoding they use.
+
+Label Studio tasks carry the input (a PNG data URI for image-like inputs, else the array or
+its reference) and the OOD evidence in ``data``, and a prediction whose ``model_version``
+names the model, version and calibration, with ``score = 1 - p_value`` (higher = more OOD)
+so that Label Studio's Data Manager sorts the most-OOD tasks first.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import struct
+import zlib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import numpy as np
+
+from oodmon.label_queue import finite_or_none
+
+if TYPE_CHECKING:
+    from oodmon.label_queue import QueueItem
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """Encode a grayscale (``[H, W]``, ``[1, H, W]``, ``[H, W, 1]``) or RGB (``[3, H, W]``,
+    ``[H, W, 3]``) array as an 8-bit PNG (zlib + struct; no imaging library).
+
+    uint8 is written as is; floats in [0, 1] are scaled by 255; anything else is min-max
+    normalised to [0, 255].
+
+    Raises:
+        ValueError: the array is not image-shaped.
+    """
+    arr = _image_layout(np.asarray(image))
+    if arr is None:
+        raise ValueError(
+            f"Expected an image array [H, W] or [C, H, W], but got shape {np.asarray(image).shape}."
+        )
+    pixels = _to_uint8(arr)
+    height, width = pixels.shape[:2]
+    color_type = 2 if pixels.ndim == 3 else 0
+    rows = pixels.reshape(height, -1)
+    raw = b"".join(b"\x00" + rows[i].tobytes() for i in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw, 6))
+        + chunk(b"IEND", b"")
+    )
+
+
+def _image_layout(arr: np.ndarray) -> np.ndarray | None:
+    """``[H, W]`` or ``[H, W, 3]`` view of an image-like array, or None if not image-like."""
+    if arr.dtype.kind not in "biuf":
+        return None
+    if arr.ndim == 3:
+        if arr.shape[0] in (1, 3) and arr.shape[2] not in (1, 3):
+            arr = np.moveaxis(arr, 0, -1)
+        if arr.shape[2] == 1:
+            arr = arr[:, :, 0]
+        elif arr.shape[2] != 3:
+            return None
+    if arr.ndim not in (2, 3) or arr.shape[0] < 2 or arr.shape[1] < 2:
+        return None
+    return arr
+
+
+def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    if arr.dtype == np.uint8:
+        return np.ascontiguousarray(arr)
+    x = arr.astype(np.float64)
+    x = np.where(np.isfinite(x), x, 0.0)
+    lo, hi = float(x.min()), float(x.max())
+    if arr.dtype.kind == "f" and lo >= 0.0 and hi <= 1.0:
+        x = x * 255.0
+    elif arr.dtype.kind in "iu" and lo >= 0 and hi <= 255:
+        pass
+    elif hi > lo:
+        x = (x - lo) * (255.0 / (hi - lo))
+    else:
+        x = np.zeros_like(x)
+    return np.ascontiguousarray(np.clip(np.rint(x), 0, 255).astype(np.uint8))
+
+
+def label_studio_task(
+    item: QueueItem,
+    *,
+    class_names: Sequence[str] | None = None,
+    from_name: str = "label",
+    to_name: str = "image",
+) -> dict[str, Any]:
+    """One Label Studio import task for ``item``.
+
+    ``data[to_name]`` is a ``data:image/png;base64`` URI for image-like inputs, else the
+    reference; a non-image input without a reference goes to ``data["input"]`` as a list.
+    The OOD evidence sits in ``data`` too. ``predictions[0]`` carries
+    ``model_version = "model@version#calibration"`` and ``score = 1 - p_value`` (in [0, 1],
+    higher = more OOD, so that sorting by score in Label Studio puts the most OOD first),
+    and the model's predicted class as a ``choices`` result.
+    """
+    data: dict[str, Any] = {}
+    array = item.input
+    layout = None if array is None else _image_layout(array)
+    if layout is not None:
+        png = base64.b64encode(png_bytes(layout)).decode("ascii")
+        data[to_name] = f"data:image/png;base64,{png}"
+    elif item.input_ref is not None:
+        data[to_name] = item.input_ref
+    elif array is not None:
+        data["input"] = (
+            np.where(np.isfinite(array), array, 0).tolist()
+            if array.dtype.kind == "f"
+            else array.tolist()
+        )
+    if item.input_ref is not None:
+        data["oodmon_ref"] = item.input_ref
+    data.update(
+        oodmon_id=item.id,
+        distance=finite_or_none(item.distance),
+        p_value=item.p_value,
+        score=finite_or_none(item.score),
+        predicted=item.predicted,
+        seen_count=item.seen_count,
+        model=item.model,
+        model_version=item.model_version,
+    )
+    result: list[dict[str, Any]] = []
+    if item.predicted >= 0:
+        name = (
+            class_names[item.predicted]
+            if class_names is not None and item.predicted < len(class_names)
+            else str(item.predicted)
+        )
+        result.append(
+            {
+                "from_name": from_name,
+                "to_name": to_name,
+                "type": "choices",
+                "value": {"choices": [name]},
+            }
+        )
+    prediction = {"model_version": item.model_tag, "score": 1.0 - item.p_value, "result": result}
+    return {"data": data, "predictions": [prediction]}
+
+
+def _open_text(dest: str | os.PathLike[str] | IO[str]) -> tuple[IO[str], bool]:
+    if isinstance(dest, (str, os.PathLike)):
+        path = Path(dest)
+        if not path.parent.exists():
+            raise FileNotFoundError(
+                f"Cannot write {path}: the directory {path.parent} does not exist."
+            )
+        return open(path, "w", encoding="utf-8"), True
+    return dest, False
+
+
+def write_label_studio(
+    items: Iterable[QueueItem],
+    dest: str | os.PathLike[str] | IO[str],
+    *,
+    class_names: Sequence[str] | None = None,
+    from_name: str = "label",
+    to_name: str = "image",
+) -> int:
+    """Stream ``items`` as a Label Studio task list to a path or text file. Returns the count."""
+    fh, owned = _open_text(dest)
+    count = 0
+    try:
+        fh.write("[")
+        for item in items:
+            task = label_studio_task(
+                item, class_names=class_names, from_name=from_name, to_name=to_name
+            )
+            fh.write(("\n" if count == 0 else ",\n") + json.dumps(task, allow_nan=False))
+            count += 1
+        fh.write("\n]\n" if count else "]\n")
+    finally:
+        if owned:
+            fh.close()
+    return count
+
+
+def write_jsonl(
+    items: Iterable[QueueItem],
+    dest: str | os.PathLike[str] | IO[str],
+    *,
+    include_inputs: bool = True,
+) -> int:
+    """Stream ``items`` as JSON Lines (see :meth:`QueueItem.to_json`). Returns the count."""
+    fh, owned = _open_text(dest)
+    count = 0
+    try:
+        for item in items:
+            fh.write(json.dumps(item.to_json(include_input=include_inputs), allow_nan=False))
+            fh.write("\n")
+            count += 1
+    finally:
+        if owned:
+            fh.close()
+    return count
