@@ -258,3 +258,17 @@ def test_numpy_numbers_are_accepted(ocs: OCS) -> None:
     assert detector.alpha == pytest.approx(0.05)
     assert OCS.cross_entropy(counts=[3, 1], floor=0).target.min() > 0
     assert OCS.cross_entropy(counts=[3, 1], floor=np.float64(1e-3)).floor == 1e-3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_predict_makes_no_host_sync(fitted: Detector) -> None:
+    z = _id_logits(256, torch.Generator().manual_seed(13)).cuda()
+    fitted.predict(z)  # warm-up: moves the calibration scores and OCS constants once
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        verdict = fitted.predict(z)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert verdict.flag.device == z.device
+    reference = fitted.predict(z.cpu())
+    assert torch.equal(verdict.flag.cpu(), reference.flag)
