@@ -127,15 +127,46 @@ class BatchHistogram(Histogram):
             for value in values.tolist():
                 self.observe(value)
             return
-        cumulative = np.searchsorted(np.sort(values), self._bounds, side="right")
-        amount = float(values.sum()) if total is None else float(total)
+        self.observe_sorted(np.sort(values), total)
+
+    @property
+    def bounds(self) -> np.ndarray:
+        """Upper bounds of the buckets, ending with +Inf."""
+        return self._bounds
+
+    @property
+    def batched(self) -> bool:
+        """Whether pre-counted batches can be added (False in the per-sample fallback)."""
+        return self.mode != "observe"
+
+    def observe_sorted(self, values: np.ndarray, total: float | None = None) -> None:
+        """:meth:`observe_batch` for finite values already sorted ascending (no sort)."""
+        if values.size == 0:
+            return
+        if not self.batched:
+            self.observe_batch(values, total)
+            return
+        cumulative = np.searchsorted(values, self._bounds, side="right")
+        self.observe_cumulative(cumulative, float(values.sum()) if total is None else total)
+
+    def observe_cumulative(self, cumulative: np.ndarray, total: float) -> None:
+        """Add pre-counted observations: ``cumulative[i]`` values were ``<=`` bound ``i`` (the
+        last bound is +Inf, so the last entry is the count) and they summed to ``total``.
+
+        Raises:
+            RuntimeError: in the per-sample fallback (check :attr:`batched` first).
+        """
+        self._raise_if_not_observable()
+        if not self.batched:
+            raise RuntimeError("pre-counted observations need the batched histogram mode")
+        amount = float(total)
         if self.mode == "memory":
             with self._batch_lock:
                 self._batch_cumulative += cumulative
                 self._batch_sum += amount
             return
         previous = 0
-        for i, count in enumerate(cumulative.tolist()):
+        for i, count in enumerate(np.asarray(cumulative).tolist()):
             if count != previous:
                 self._buckets[i].inc(float(count - previous))
                 previous = count

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -78,6 +79,35 @@ def score_threshold(calibration_sorted: Tensor, alpha: float) -> float:
     check_alpha(alpha, n)
     m = math.floor(alpha * (n + 1) + 1e-9) - 1
     return float(calibration_sorted[n - 1 - m].item())
+
+
+def score_cutoffs(calibration_sorted: Tensor, p_edges: Sequence[float]) -> list[float]:
+    """For each edge e, the score c_e with ``p_value(s) <= e  <=>  s > c_e``, exactly.
+
+    :func:`p_values` computes ``p = float64(1 + k) / float64(n + 1)`` with
+    ``k = #{calibration >= s}``; that is increasing in k, so ``p <= e`` holds exactly for
+    ``k <= m_e`` (the largest such k), i.e. for scores above the ``(m_e + 1)``-th largest
+    calibration score. This lets a p-value histogram be filled from sorted scores alone.
+
+    Returns:
+        One cutoff per edge: ``+inf`` where no score reaches it, ``-inf`` where every score
+        does (e.g. the ``+Inf`` bucket), else a calibration score.
+    """
+    cal = calibration_sorted.detach().to("cpu", torch.float64)
+    n = cal.numel()
+    p_of_k = torch.arange(1, n + 2, dtype=torch.float64).div_(n + 1.0)  # same ops as p_values
+    cutoffs: list[float] = []
+    for edge in p_edges:
+        m = int(torch.searchsorted(p_of_k, torch.tensor([float(edge)], dtype=torch.float64),
+                                   side="right").item()) - 1  # fmt: skip
+        if m < 0:
+            cutoffs.append(math.inf)
+        elif m >= n:
+            cutoffs.append(-math.inf)
+        else:
+            cutoff = float(cal[n - 1 - m])
+            cutoffs.append(math.inf if cutoff >= SCORE_LIMIT else cutoff)
+    return cutoffs
 
 
 def benjamini_hochberg(p: Tensor, fdr: float) -> Tensor:

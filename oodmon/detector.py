@@ -28,6 +28,8 @@ from oodmon.verdict import Verdict
 
 #: Version of the JSON layout written by :meth:`Detector.save`.
 DETECTOR_FORMAT_VERSION = 1
+#: Scores whose verdict distance is exactly ``-score`` (they are negated distances).
+NEGATED_DISTANCE_SCORES = ("ocs_kl", "ocs_distance")
 
 
 class Detector:
@@ -180,7 +182,7 @@ class Detector:
         with _full_precision(x):
             score = self._spec.compute(x, self.ocs, self.kind, self.temperature)
             # the OCS scores are negated distances already: don't compute them twice
-            if self.score in ("ocs_kl", "ocs_distance"):
+            if self.score in NEGATED_DISTANCE_SCORES:
                 dist = -score
             else:
                 dist = distance(x, self.ocs, self.kind)

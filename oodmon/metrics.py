@@ -43,6 +43,7 @@ from prometheus_client import multiprocess as _multiprocess
 from prometheus_client.registry import Collector
 
 from oodmon._batch_histogram import BatchHistogram, multiprocess_enabled
+from oodmon.conformal import score_cutoffs
 from oodmon.sinks import DetectorSummary
 from oodmon.verdict import INVALID_REASONS, Observation
 
@@ -199,6 +200,10 @@ class _Series:
     p_value: BatchHistogram
     scoring: Any
     queue_depth: Any = None  # created on the first queue report: no queue, no depth series
+    # With an OCS score (distance == -score), p <= bound_i  <=>  distance < p_cutoffs[i]:
+    # the p-value buckets are counted from the same sort as the distance buckets.
+    p_cutoffs: np.ndarray | None = None
+    p_always: np.ndarray | None = None
 
 
 def _check_buckets(
@@ -319,8 +324,20 @@ class PrometheusMetrics:
             str(summary.calibration_size),
             summary.calibration_hash,
         )
+        series = self._build_series(*key, reason=summary.score)
+        if (
+            summary.distance_is_negated_score
+            and summary.calibration_scores is not None
+            and series.p_value.batched
+            and series.distance.batched
+        ):
+            cutoffs = np.asarray(
+                score_cutoffs(summary.calibration_scores, series.p_value.bounds.tolist())
+            )
+            series.p_cutoffs = -cutoffs  # score > c  <=>  distance < -c
+            series.p_always = cutoffs == -np.inf
         with self._lock:
-            self._series[key] = self._build_series(*key, reason=summary.score)
+            self._series[key] = series
             previous = self._info_labels.get(key)
             if previous is not None and previous != info:
                 # A recalibrated detector replaces the old identity. Multiprocess mode cannot
@@ -347,8 +364,11 @@ class PrometheusMetrics:
                 self._invalid_child(series, observation, reason).inc(count)
         invalid = np.asarray(verdict.invalid, dtype=bool)
         any_invalid = bool(invalid.any())
-        _observe_valid(series.distance, verdict.distance, invalid, any_invalid)
-        _observe_valid(series.p_value, verdict.p_value, invalid, any_invalid)
+        if series.p_cutoffs is not None:
+            _observe_with_one_sort(series, verdict.distance, verdict.p_value, invalid, any_invalid)
+        else:
+            _observe_valid(series.distance, verdict.distance, invalid, any_invalid)
+            _observe_valid(series.p_value, verdict.p_value, invalid, any_invalid)
         series.scoring.observe(observation.scoring_seconds)
 
     def record_error(self, model: str, version: str, kind: str) -> None:
@@ -403,6 +423,34 @@ class PrometheusMetrics:
 
     def __repr__(self) -> str:
         return f"PrometheusMetrics(models={sorted(self._series)})"
+
+
+def _observe_with_one_sort(
+    series: _Series,
+    distance: np.ndarray,
+    p_value: np.ndarray,
+    invalid: np.ndarray,
+    any_invalid: bool,
+) -> None:
+    """Fill both histograms from one sort of the valid rows' distances (OCS scores only).
+
+    The p-value buckets come from :func:`oodmon.conformal.score_cutoffs`, exactly: a valid
+    row's p-value is at most ``bound_i`` iff its distance is below ``p_cutoffs[i]``. Infinite
+    distances (valid rows whose score was clamped) count for p-values but, as in
+    :func:`_observe_valid`, not in the distance histogram.
+    """
+    assert series.p_cutoffs is not None and series.p_always is not None
+    if any_invalid:
+        distance, p_value = distance[~invalid], p_value[~invalid]
+    if distance.size == 0:
+        return
+    ordered = np.sort(distance)
+    cumulative = np.searchsorted(ordered, series.p_cutoffs, side="left")
+    cumulative[series.p_always] = ordered.size
+    series.p_value.observe_cumulative(cumulative, float(p_value.sum()))
+    low = int(np.searchsorted(ordered, -np.inf, side="right"))
+    high = int(np.searchsorted(ordered, np.inf, side="left"))
+    series.distance.observe_sorted(ordered[low:high])
 
 
 def _observe_valid(

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from oodmon.detector import Detector
+from oodmon.detector import NEGATED_DISTANCE_SCORES, Detector
 from oodmon.sinks import DetectorSummary, MetricsSink, QueueSink
 from oodmon.verdict import HostVerdict, Observation, Verdict
 
@@ -254,6 +254,8 @@ class Monitor:
             calibration_hash=d.calibration_hash_,
             num_outputs=d.num_outputs,
             loss=d.ocs.loss,
+            calibration_scores=d.calibration_scores_,
+            distance_is_negated_score=d.score in NEGATED_DISTANCE_SCORES,
         )
 
     # ------------------------------------------------------------------ synchronous path

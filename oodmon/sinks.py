@@ -10,8 +10,8 @@ inference.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 from oodmon.verdict import Observation
 
@@ -29,6 +29,11 @@ class DetectorSummary:
     calibration_hash: str
     num_outputs: int
     loss: str
+    #: The sorted calibration scores (a read-only tensor), for sinks that count p-values
+    #: from scores (:func:`oodmon.conformal.score_cutoffs`); not a label.
+    calibration_scores: Any = field(default=None, compare=False, repr=False)
+    #: True when ``distance == -score`` exactly (the OCS scores), so one sort serves both.
+    distance_is_negated_score: bool = False
 
 
 @runtime_checkable

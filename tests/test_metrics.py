@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import subprocess
@@ -390,11 +391,15 @@ def test_update_cost_is_a_constant_number_of_python_calls() -> None:
             nonlocal count
             count += event in ("call", "c_call")
 
+        # garbage from earlier tests must not run finalisers (Python calls) inside the count
+        gc.collect()
+        gc.disable()
         sys.setprofile(profiler)
         try:
             sink.record(obs)
         finally:
             sys.setprofile(None)
+            gc.enable()
         return count
 
     calls(1)  # warm caches
@@ -674,3 +679,65 @@ def test_worker_processes_add_up_in_multiprocess_mode(tmp_path: Path) -> None:
             except subprocess.TimeoutExpired:
                 worker.kill()
                 worker.communicate()
+
+
+@pytest.mark.parametrize("score", ["ocs_kl", "energy"])
+@pytest.mark.parametrize("n_calibration", [19, 199, 1000])
+def test_one_sort_histograms_equal_per_sample_observation(score: str, n_calibration: int) -> None:
+    """With an OCS score the sink counts p-values from the sorted distances
+    (conformal.score_cutoffs); every bucket must equal a per-sample Histogram's, including
+    p-values that fall exactly on bucket bounds (n + 1 = 20, 200, 1001) and scores tied with
+    calibration scores. The energy score takes the two-sort path: the same result."""
+    gen = torch.Generator().manual_seed(n_calibration)
+    ocs = OCS.cross_entropy(counts=[40, 30, 20, 10])
+    cal_logits = torch.randn(n_calibration, 4, generator=gen) * 3
+    detector = Detector(ocs, score=score, alpha=0.05).fit(cal_logits)
+    registry = CollectorRegistry()
+    sink = PrometheusMetrics(registry)
+    monitor = Monitor(detector, "m", "1", metrics=sink)
+    assert (sink._series[("m", "1")].p_cutoffs is not None) == (score == "ocs_kl")
+
+    batches = [
+        cal_logits[: n_calibration // 2],  # ties with calibration scores
+        torch.randn(300, 4, generator=gen) * 3,
+        ocs.log_target.float().expand(50, 4) + 0.01 * torch.randn(50, 4, generator=gen),
+        torch.cat([torch.randn(5, 4, generator=gen), torch.full((2, 4), float("nan"))]),
+    ]
+    reference = CollectorRegistry()
+    ref_distance = Histogram("ref_d", "d", buckets=DEFAULT_DISTANCE_BUCKETS, registry=reference)
+    ref_p = Histogram("ref_p", "p", buckets=DEFAULT_P_VALUE_BUCKETS, registry=reference)
+    for batch in batches:
+        verdict = monitor.observe(batch)
+        assert verdict is not None
+        valid = ~verdict.invalid
+        for d, p in zip(verdict.distance[valid].tolist(), verdict.p_value[valid].tolist(),
+                        strict=True):  # fmt: skip
+            ref_distance.observe(d)
+            ref_p.observe(p)
+    on_bounds = sum(
+        int((monitor.detector.predict(b).p_value == e).sum())
+        for b in batches
+        for e in DEFAULT_P_VALUE_BUCKETS
+    )
+    if n_calibration == 19:
+        assert on_bounds > 0  # the test really exercises p-values equal to a bound
+    got_d = histogram_samples(registry, "oodmon_ocs_distance")
+    got_p = histogram_samples(registry, "oodmon_p_value")
+    want_d = {(k[0], k[1]): v for k, v in histogram_samples(reference, "ref_d").items()}
+    want_p = {(k[0], k[1]): v for k, v in histogram_samples(reference, "ref_p").items()}
+    assert_same_histogram(got_d, want_d)
+    assert_same_histogram(got_p, want_p)
+
+
+def test_score_cutoffs_agree_with_p_values() -> None:
+    from oodmon.conformal import p_values, score_cutoffs
+
+    cal = torch.sort(torch.randn(49, dtype=torch.float64)).values
+    cal[10:13] = cal[10]  # ties inside the calibration set
+    edges = [0.0, 0.01, 0.02, 0.05, 0.1, 0.5, 0.99, 1.0, float("inf")]
+    cutoffs = score_cutoffs(cal, edges)
+    extremes = torch.tensor([-1e300, 1e300], dtype=torch.float64)
+    scores = torch.cat([cal, cal + 1e-12, cal - 1e-12, extremes])
+    p = p_values(scores, cal)
+    for edge, cutoff in zip(edges, cutoffs, strict=True):
+        assert torch.equal(p <= edge, scores > cutoff), edge
