@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -81,7 +82,7 @@ def score_threshold(calibration_sorted: Tensor, alpha: float) -> float:
     return float(calibration_sorted[n - 1 - m].item())
 
 
-def score_cutoffs(calibration_sorted: Tensor, p_edges: Sequence[float]) -> list[float]:
+def score_cutoffs(calibration_sorted: Any, p_edges: Sequence[float]) -> list[float]:
     """For each edge e, the score c_e with ``p_value(s) <= e  <=>  s > c_e``, exactly.
 
     :func:`p_values` computes ``p = float64(1 + k) / float64(n + 1)`` with
@@ -93,7 +94,7 @@ def score_cutoffs(calibration_sorted: Tensor, p_edges: Sequence[float]) -> list[
         One cutoff per edge: ``+inf`` where no score reaches it, ``-inf`` where every score
         does (e.g. the ``+Inf`` bucket), else a calibration score.
     """
-    cal = calibration_sorted.detach().to("cpu", torch.float64)
+    cal = torch.as_tensor(calibration_sorted).detach().to("cpu", torch.float64)
     n = cal.numel()
     p_of_k = torch.arange(1, n + 2, dtype=torch.float64).div_(n + 1.0)  # same ops as p_values
     cutoffs: list[float] = []

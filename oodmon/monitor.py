@@ -116,6 +116,7 @@ class _Pending:
     inputs: Any
     ids: Sequence[str] | None
     seq: int
+    rows: int
     nbytes: int
     ready: Any = None  # a torch.cuda.Event recorded after the copies, on the caller's stream
 
@@ -291,35 +292,47 @@ class Monitor:
 
     # ------------------------------------------------------------------ background path
 
-    def submit(self, outputs: Any, inputs: Any = None, ids: Sequence[str] | None = None) -> None:
+    def submit(
+        self,
+        outputs: Any,
+        inputs: Any = None,
+        ids: Sequence[str] | None = None,
+        *,
+        copy_inputs: bool = True,
+    ) -> None:
         """Queue a batch for background scoring and return at once; never raises.
 
-        The outputs are copied (on their device, asynchronously) so later in-place changes by
-        the caller cannot alter what is scored. Batches beyond ``max_pending`` rows or
-        ``max_pending_bytes``, or submitted after :meth:`close`, are skipped and counted in
-        ``stats().skipped``.
+        The outputs, and tensor or array inputs unless ``copy_inputs=False``, are copied (on
+        their device, asynchronously) so that a caller reusing its buffers cannot alter what
+        is scored or queued. Room is reserved before anything is copied: batches beyond
+        ``max_pending`` rows or ``max_pending_bytes``, or submitted after :meth:`close`, are
+        skipped (and counted in ``stats().skipped``) without costing a copy.
         """
         try:
             x = self._as_outputs(outputs)
             rows = _row_count(x)
             inputs, ids = self._matched_extras(rows, inputs, ids)
-            x = x.clone()
-            ready = _copies_done_event(x)
-            nbytes = x.element_size() * x.nelement() + _nbytes(inputs)
+            nbytes = _nbytes(x) + _nbytes(inputs)
             with self._wakeup:
-                reason = None
-                if self._closed:
-                    reason = "closed"
-                elif (
-                    self._pending_rows + rows > self.max_pending
-                    or self._pending_bytes + nbytes > self.max_pending_bytes
-                ):
-                    reason = "backlog"
-                else:
-                    self._submitted += 1
-                    self._pending.append(_Pending(x, inputs, ids, self._submitted, nbytes, ready))
+                reason = self._refusal(rows, nbytes)
+                if reason is None:  # reserve the room; the copies happen outside the lock
                     self._pending_rows += rows
                     self._pending_bytes += nbytes
+            if reason is not None:
+                self._count_skipped(rows, reason)
+                return
+            x = x.clone()
+            if copy_inputs and isinstance(inputs, (Tensor, np.ndarray)):
+                inputs = inputs.clone() if isinstance(inputs, Tensor) else inputs.copy()
+            item = _Pending(x, inputs, ids, 0, rows, nbytes, _copies_done_event(x))
+            with self._wakeup:
+                if self._closed:  # closed while copying: nobody will score it now
+                    self._release(item)
+                    reason = "closed"
+                else:
+                    self._submitted += 1
+                    item.seq = self._submitted
+                    self._pending.append(item)
                     if self._worker is None or not self._worker.is_alive():
                         self._start_worker()
                     elif self._worker_idle or self._pending_rows >= self.max_batch_rows:
@@ -328,6 +341,22 @@ class Monitor:
                 self._count_skipped(rows, reason)
         except Exception as err:
             self._record_error("submit", err)
+
+    def _refusal(self, rows: int, nbytes: int) -> str | None:
+        """Why a batch cannot be queued now (hold ``_wakeup``), or None."""
+        if self._closed:
+            return "closed"
+        if (
+            self._pending_rows + rows > self.max_pending
+            or self._pending_bytes + nbytes > self.max_pending_bytes
+        ):
+            return "backlog"
+        return None
+
+    def _release(self, item: _Pending) -> None:
+        """Give back the room a batch reserved (hold ``_wakeup``)."""
+        self._pending_rows -= item.rows
+        self._pending_bytes -= item.nbytes
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every batch submitted before this call has been scored.
@@ -374,7 +403,7 @@ class Monitor:
             if worker is not None and worker is not threading.current_thread():
                 worker.join(timeout)
             if self.queue is not None:
-                self._guard("queue.close", _close_sink, self.queue, timeout)
+                self._guard("queue.close", self.queue.close, timeout)
             _live_monitors.discard(self)
 
     def _start_worker(self) -> None:
@@ -405,8 +434,8 @@ class Monitor:
                 self._wakeup.wait(remaining)
             batch = list(self._pending)
             self._pending.clear()
-            self._pending_rows = 0
-            self._pending_bytes = 0
+            for item in batch:  # batches still being copied keep their reservation
+                self._release(item)
             return batch
 
     def _finish_batch(self, batch: list[_Pending]) -> None:
@@ -642,13 +671,6 @@ def _work(ref: weakref.ReferenceType[Monitor]) -> None:
         finally:
             monitor._finish_batch(batch)
         del monitor
-
-
-def _close_sink(sink: QueueSink, timeout: float | None) -> None:
-    try:
-        sink.close(timeout=timeout)  # type: ignore[call-arg]
-    except TypeError:
-        sink.close()
 
 
 def _yield_gil() -> None:

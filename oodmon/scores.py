@@ -319,7 +319,6 @@ _DISTANCE_KINDS: dict[str, tuple[str, ...]] = {
     "reward_prediction": ("logits",),
     "custom": ("logits",),
 }
-_ALL_LOSSES = LOSSES
 
 SCORES: dict[str, ScoreSpec] = {
     spec.name: spec
@@ -327,7 +326,7 @@ SCORES: dict[str, ScoreSpec] = {
         ScoreSpec(
             "ocs_distance",
             lambda x, ocs, kind, t: -distance(x, ocs, kind),  # type: ignore[arg-type]
-            _ALL_LOSSES,
+            LOSSES,
             INPUT_KINDS,
             "negated distance to the OCS for the OCS's loss (the paper's measure)",
         ),

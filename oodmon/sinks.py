@@ -13,6 +13,8 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
+
 from oodmon.verdict import Observation
 
 
@@ -75,8 +77,8 @@ class QueueSink(Protocol):
     def depth(self) -> int | None:
         """Items waiting in the queue as last seen (no I/O), or None if not known yet."""
 
-    def close(self) -> None:
-        """Flush what is buffered and release resources."""
+    def close(self, timeout: float | None = None) -> None:
+        """Flush what is buffered (giving up after ``timeout`` seconds) and release resources."""
 
 
 class InMemoryMetrics:
@@ -138,8 +140,6 @@ class InMemoryQueue:
                 self.dropped += n - room
                 if room == 0:
                     return n
-                import numpy as np
-
                 observation = observation.take(np.arange(room))
             self.observations.append(observation)
             self.rows += len(observation)
@@ -148,5 +148,5 @@ class InMemoryQueue:
     def depth(self) -> int | None:
         return self.rows
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> None:
         self.closed = True

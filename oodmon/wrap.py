@@ -90,10 +90,8 @@ class MonitoredModel(nn.Module):
             inputs = None
             if self.monitor.queue is not None and args and isinstance(args[0], Tensor):
                 inputs = args[0].detach()
-                if self._copy_inputs and self._background:
-                    inputs = inputs.clone()  # the caller may reuse its input buffer
             if self._background:
-                self.monitor.submit(logits, inputs)
+                self.monitor.submit(logits, inputs, copy_inputs=self._copy_inputs)
             else:
                 self.monitor.observe(logits, inputs)
         except Exception as err:  # never break inference (strict monitors re-raise)

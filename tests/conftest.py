@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
+import postgres_server
 import pytest
 import torch
 
@@ -26,3 +30,17 @@ def ocs() -> OCS:
 @pytest.fixture(scope="session")
 def detector(ocs: OCS) -> Detector:
     return Detector(ocs, alpha=0.05).fit(id_logits(999, seed=0))
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[postgres_server.PostgresServer]:
+    """One real PostgreSQL server for the whole session, started by the tests themselves."""
+    yield from postgres_server.serve()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def queue_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty label-queue location on each backend: an SQLite file or a fresh database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "queue.db")
+    return str(request.getfixturevalue("pg_server").create_database())

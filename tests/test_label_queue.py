@@ -50,17 +50,9 @@ class Clock:
         self.now += seconds
 
 
-@pytest.fixture(scope="session")
-def pg_server():
-    yield from postgres_server.serve()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        return str(tmp_path / "queue.db")
-    server = request.getfixturevalue("pg_server")
-    return server.create_database()
+@pytest.fixture
+def url(queue_url: str) -> str:
+    return queue_url
 
 
 @pytest.fixture

@@ -280,3 +280,23 @@ def test_forked_child_scores_its_own_traffic(detector: Detector) -> None:
     os.close(read)
     assert status == 0 and answer == "True 5"
     assert monitor.stats().seen == 2  # the parent is unaffected
+
+
+def test_submit_copies_inputs_so_a_reused_buffer_queues_what_was_seen(detector: Detector) -> None:
+    queue = InMemoryQueue()
+    monitor = Monitor(detector, "m", "1", queue=queue, linger=0.5)
+    buffer = torch.zeros(2, 3)
+    for step in range(3):
+        buffer.fill_(step)  # a serving loop refilling one input buffer
+        monitor.submit(near_ocs(detector, 2), inputs=buffer)
+    monitor.flush()
+    queued = torch.cat([obs.inputs for obs in queue.observations])
+    assert queued[:, 0].tolist() == [0, 0, 1, 1, 2, 2]
+    # opting out shares the buffer: every queued row shows its last contents
+    shared = InMemoryQueue()
+    no_copy = Monitor(detector, "m", "1", queue=shared, linger=0.5)
+    for step in range(2):
+        buffer.fill_(step)
+        no_copy.submit(near_ocs(detector, 2), inputs=buffer, copy_inputs=False)
+    no_copy.flush()
+    assert torch.cat([obs.inputs for obs in shared.observations])[:, 0].tolist() == [1, 1, 1, 1]

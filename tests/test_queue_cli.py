@@ -15,17 +15,10 @@ from oodmon.cli import main  # the real entry point: dispatch, one-line errors, 
 from oodmon.label_queue import LabelQueue
 
 
-@pytest.fixture(scope="session")
-def pg_server():
-    yield from postgres_server.serve()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def url(request, tmp_path) -> str:
-    if request.param == "sqlite":
-        url = str(tmp_path / "queue.db")
-    else:
-        url = request.getfixturevalue("pg_server").create_database()
+@pytest.fixture
+def url(queue_url: str) -> str:
+    """A queue on each backend holding three items."""
+    url = queue_url
     with LabelQueue(url) as q:
         for i, p in enumerate([0.03, 0.001, 0.2]):
             image = np.full((4, 4), i * 40, dtype=np.uint8)
