@@ -6,7 +6,7 @@ Times every call of a wrapped model, ``oodmon.wrap(model, monitor, background=..
 configurations that differ only in the Monitor's label queue:
 
 * ``none``: no queue;
-* ``sqlite``: a :class:`~oodmon.queue_writer.QueueWriter` on a real SQLite file;
+* ``sqlite``: a :class:`~oodmon.label_queue.QueueWriter` on a real SQLite file;
 * ``stalled``: a QueueWriter whose database sleeps ``--stall`` seconds on every write (a slow
   or hung server). Its buffer fills up and further flagged rows are dropped and counted.
 
@@ -36,9 +36,8 @@ import torch
 from torch import nn
 
 from oodmon import OCS, Detector
-from oodmon.label_queue import AddResult, LabelQueue
+from oodmon.label_queue import AddResult, LabelQueue, QueueWriter
 from oodmon.monitor import Monitor
-from oodmon.queue_writer import QueueWriter
 from oodmon.wrap import wrap
 
 CONFIGS = ("none", "sqlite", "stalled")

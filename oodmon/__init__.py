@@ -5,10 +5,9 @@ Public API; everything else is internal. Sign convention: higher OOD score = mor
 
 from oodmon.detector import Detector
 from oodmon.errors import FormatVersionError, NotFittedError, OodmonError
-from oodmon.label_queue import LabelQueue, QueueItem
+from oodmon.label_queue import LabelQueue, QueueItem, QueueWriter
 from oodmon.monitor import Monitor, MonitorStats
 from oodmon.ocs import OCS, reward_targets
-from oodmon.queue_writer import QueueWriter
 from oodmon.scores import SCORES, distance
 from oodmon.verdict import HostVerdict, Observation, Verdict
 from oodmon.wrap import wrap

@@ -93,7 +93,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     from oodmon import mnist
     from oodmon.metrics import PrometheusMetrics, serve
-    from oodmon.queue_writer import QueueWriter
+    from oodmon.label_queue import QueueWriter
     from oodmon.wrap import wrap
 
     started = time.perf_counter()

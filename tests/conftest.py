@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import label_queue_helpers
 import postgres_server
 import pytest
 import torch
@@ -44,3 +45,19 @@ def queue_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return str(tmp_path / "queue.db")
     return str(request.getfixturevalue("pg_server").create_database())
+
+
+# ---------------------------------------------------------------------- label queue (and its CLI)
+# Fixtures shared by tests/test_label_queue_*.py; plain helpers live in label_queue_helpers.py.
+
+
+@pytest.fixture
+def url(queue_url: str) -> str:
+    """The label-queue location a test works on (each backend in turn; see ``queue_url``)."""
+    return queue_url
+
+
+@pytest.fixture
+def clock() -> label_queue_helpers.Clock:
+    """A settable UTC clock for a LabelQueue, so lease tests never sleep."""
+    return label_queue_helpers.Clock()

@@ -10,8 +10,8 @@ import numpy as np
 import postgres_server
 import pytest
 
-from oodmon import queue_cli
 from oodmon.cli import main  # the real entry point: dispatch, one-line errors, exit codes
+from oodmon.cli import queue as queue_commands
 from oodmon.label_queue import LabelQueue
 
 
@@ -175,4 +175,4 @@ def test_help_lists_every_command(capsys):
     out = capsys.readouterr().out
     for command in ("ls", "stats", "export", "claim", "done", "release"):
         assert command in out
-    assert Path(queue_cli.__file__).name == "queue_cli.py"
+    assert Path(queue_commands.__file__).parts[-2:] == ("cli", "queue.py")

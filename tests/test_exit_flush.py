@@ -14,7 +14,7 @@ CHILD = textwrap.dedent(
     import sys, torch
     from torch import nn
     import oodmon
-    from oodmon.queue_writer import QueueWriter
+    from oodmon.label_queue import QueueWriter
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 10)).eval()

@@ -1,4 +1,6 @@
-"""Crash safety: a process writing through the Monitor is SIGKILLed mid-stream.
+"""The SQLite backend (``label_queue.sqlite``): missing and foreign files; crash safety.
+
+Crash safety: a process writing through the Monitor is SIGKILLed mid-stream.
 
 The child streams flagged batches through ``Monitor -> QueueWriter -> SQLite`` and prints
 the ids of every batch right after its transaction committed. The parent kills it with
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from oodmon.label_queue import LabelQueue
+from oodmon.label_queue import LabelQueue, NotAQueueError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,7 +31,7 @@ CHILD = textwrap.dedent("""
     import torch
     from oodmon import OCS, Detector
     from oodmon.monitor import Monitor
-    from oodmon.queue_writer import QueueWriter
+    from oodmon.label_queue import QueueWriter
 
     def report(ids):
         print("COMMIT " + " ".join(ids), flush=True)
@@ -109,3 +111,26 @@ def test_sigkill_mid_stream_loses_no_committed_batch(tmp_path, kill_after_commit
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     finally:
         conn.close()
+
+
+def test_missing_and_foreign_files(tmp_path):
+    missing = tmp_path / "nope.db"
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        LabelQueue(missing, read_only=True)
+    with pytest.raises(FileNotFoundError):
+        LabelQueue(missing, create=False)
+    assert not missing.exists()
+    with pytest.raises(FileNotFoundError, match="directory"):
+        LabelQueue(tmp_path / "no-dir" / "q.db")
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(NotAQueueError, match="not"):
+        LabelQueue(junk)
+    with pytest.raises(NotAQueueError, match="not"):
+        LabelQueue(junk, read_only=True)
+    other = tmp_path / "other.db"
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE items (x)")
+    conn.close()
+    with pytest.raises(NotAQueueError, match="not an oodmon label queue"):
+        LabelQueue(other)

@@ -24,11 +24,12 @@ from oodmon.label_queue import (
     LabelQueue,
     QueueItem,
     QueueUnavailableError,
+    QueueWriter,
     npy_bytes,
+    observation_items,
 )
 from oodmon.metrics import PrometheusMetrics
 from oodmon.monitor import Monitor
-from oodmon.queue_writer import QueueWriter, observation_items
 from oodmon.sinks import InMemoryMetrics, QueueSink
 from oodmon.verdict import HostVerdict, Observation
 
@@ -221,7 +222,7 @@ def test_writer_retries_until_the_database_comes_back(tmp_path, caplog):
     assert "retrying" in warnings[0].getMessage()
 
 
-def test_close_gives_up_at_its_deadline_and_counts_the_loss():
+def test_close_gives_up_at_its_deadline_and_counts_the_loss(caplog):
     writer = QueueWriter(
         FlakyQueue(None, failures=10**9),
         retry_initial=0.01,
@@ -235,6 +236,9 @@ def test_close_gives_up_at_its_deadline_and_counts_the_loss():
     assert time.monotonic() - start < 3
     assert writer.failed == 30 and writer.committed_rows == 0
     assert writer.submit(observation([0.01])) == 1  # closed: dropped, not raised
+    # the batch being written when the deadline passed is lost too, and logged with the rest
+    lost = [r.getMessage() for r in caplog.records if "not written" in r.getMessage()]
+    assert len(lost) == 1 and "30 rows not written" in lost[0], lost
 
 
 def test_submit_never_raises_into_the_caller(tmp_path):
@@ -381,7 +385,7 @@ def test_interpreter_exit_flushes(tmp_path, through):
         import torch
         from oodmon import OCS, Detector
         from oodmon.monitor import Monitor
-        from oodmon.queue_writer import QueueWriter
+        from oodmon.label_queue import QueueWriter
         from oodmon.verdict import HostVerdict, Observation
 
         writer = QueueWriter({str(path)!r}, batch_rows=10_000, flush_interval=3600)
@@ -421,3 +425,101 @@ def test_monitor_tells_the_writer_its_calibration(tmp_path) -> None:  # type: ig
         items = queue.items()
     assert len(items) == 3
     assert all(detector.calibration_hash_ in item.model_tag for item in items)
+
+
+def test_interpreter_exit_logs_how_many_rows_were_not_written(tmp_path):
+    """A database down until exit: the writer gives up after close_timeout and says how many
+    rows it lost (the batch it was writing included)."""
+    script = textwrap.dedent("""
+        import numpy as np
+        from oodmon.label_queue import QueueUnavailableError, QueueWriter
+        from oodmon.verdict import HostVerdict, Observation
+
+        class Down:
+            def add(self, items):
+                raise QueueUnavailableError("connection refused")
+
+            def close(self):
+                pass
+
+        writer = QueueWriter(Down(), batch_rows=8, flush_interval=0.0, retry_initial=0.01,
+                             retry_max=0.05, close_timeout=0.5)
+        p = np.linspace(0.001, 0.01, 30)
+        v = HostVerdict(score=-p, distance=p, p_value=p, flag=np.ones(30, bool),
+                        invalid=np.zeros(30, bool), predicted=np.zeros(30, np.int64))
+        writer.submit(Observation("m", "1", v))
+        # no close(): the interpreter exits here
+    """)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr
+    lost = [line for line in done.stderr.splitlines() if "not written" in line]
+    assert len(lost) == 1 and "30 rows not written" in lost[0], done.stderr
+
+
+FORK_SCRIPT = textwrap.dedent("""
+    import os, sys
+
+    import numpy as np
+    import torch
+
+    # libgomp (torch's OpenMP runtime) is not fork-safe: once the parent has started its
+    # thread pool, a child that runs a parallel torch op can hang. One thread (and tiny
+    # tensors) keep the pool from ever starting before the fork.
+    torch.set_num_threads(1)
+
+    from oodmon import OCS, Detector, LabelQueue, Monitor, QueueWriter
+    from oodmon.verdict import HostVerdict, Observation
+
+    path, through = sys.argv[1], sys.argv[2]
+    detector = Detector(OCS.cross_entropy(counts=[10] * 10), alpha=0.1)
+    detector.fit(torch.randn(400, 10) * 6)
+    queue = path if through == "url" else LabelQueue(path)
+    writer = QueueWriter(queue, flush_interval=0.01)
+    monitor = Monitor(detector, "m", "v1", queue=writer)
+    # the parent writes first (numpy only, no torch op), so its connection is open and used
+    p = np.array([0.001, 0.002, 0.003])
+    verdict = HostVerdict(score=-p, distance=p, p_value=p, flag=np.ones(3, bool),
+                          invalid=np.zeros(3, bool), predicted=np.zeros(3, np.int64))
+    writer.submit(Observation("m", "v1", verdict, ids=["parent-0", "parent-1", "parent-2"]))
+    assert writer.flush(timeout=30)
+
+    pid = os.fork()  # gunicorn --preload: built in the parent, used in the worker
+    if pid == 0:
+        code = 1
+        try:
+            flat = torch.zeros(40, 10)  # exactly the OCS: every row is flagged
+            monitor.observe(flat, inputs=torch.arange(40.0).unsqueeze(1),
+                            ids=[f"child-{j}" for j in range(40)])
+            monitor.close(timeout=30)
+            writer.close(timeout=30)
+            code = 0 if (writer.committed_rows, writer.failed) == (40, 0) else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    # the parent's writer and queue go on working after the fork
+    writer.submit(Observation("m", "v1", verdict, ids=["parent-3", "parent-4", "parent-5"]))
+    monitor.close(timeout=30)
+    writer.close(timeout=30)
+    print(os.waitstatus_to_exitcode(status), writer.committed_rows, writer.failed)
+""")
+
+
+@pytest.mark.parametrize("through", ["url", "queue"])
+def test_a_writer_built_before_fork_writes_from_the_child(tmp_path, through):
+    """Writer and Monitor built before ``os.fork()``: the child's rows reach the queue file,
+    through the child's own connection (the parent's is never used there)."""
+    path = tmp_path / "q.sqlite"
+    done = subprocess.run(
+        [sys.executable, "-c", FORK_SCRIPT, str(path), through],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", "6", "0"], done.stderr  # child ok; parent wrote 3 + 3
+    with LabelQueue(path, read_only=True) as queue:
+        ids = {item.id for item in queue.iter_items()}
+    assert ids == {f"child-{j}" for j in range(40)} | {f"parent-{j}" for j in range(6)}

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from oodmon import __version__
+from oodmon.cli import queue as queue_commands
 from oodmon.detector import Detector
 from oodmon.errors import OodmonError
 from oodmon.ocs import LOSSES, OCS
@@ -125,6 +126,7 @@ def build_ocs(args: argparse.Namespace) -> OCS:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    """``oodmon calibrate``: fit a Detector on saved outputs and save it as JSON."""
     ocs = build_ocs(args)
     outputs = load_array(args.outputs, "outputs", args.key)
     detector = Detector(ocs, score=args.score, alpha=args.alpha, kind=args.kind).fit(outputs)
@@ -139,6 +141,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def load_detector(path: str) -> Detector:
+    """Load a Detector JSON, with a clear error when the file is missing."""
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"detector file not found: {file}")
@@ -146,6 +149,7 @@ def load_detector(path: str) -> Detector:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
+    """``oodmon score``: one verdict per row of saved outputs, as CSV or JSON Lines."""
     detector = load_detector(args.detector)
     if args.alpha is not None:
         detector = detector.with_alpha(args.alpha)
@@ -198,6 +202,7 @@ def write_verdicts(host: HostVerdict, stream: TextIO, fmt: str) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    """``oodmon inspect``: what a Detector JSON holds, as a table or JSON."""
     detector = load_detector(args.detector)
     if args.json:
         summary = detector.to_dict()
@@ -231,6 +236,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """``oodmon demo``: the MNIST demo, end to end."""
     from oodmon.demo import run_demo
 
     return run_demo(args)
@@ -240,6 +246,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``oodmon`` argument parser, with every command."""
     parser = argparse.ArgumentParser(
         prog="oodmon",
         description="Out-of-distribution monitor: flags model outputs that revert to the "
@@ -299,9 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
     inspect.set_defaults(handler=cmd_inspect)
 
-    from oodmon import queue_cli
-
-    queue_cli.register(sub)
+    queue_commands.register(sub)
 
     from oodmon.demo import add_demo_arguments
 
@@ -338,6 +343,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"oodmon: error: {message}", file=sys.stderr)
         return code
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -24,14 +24,26 @@ from collections.abc import Sequence
 from typing import Any
 
 from oodmon.label_queue import (
+    FORMATS,
     LabelQueue,
     QueueError,
     QueueItem,
+    export_queue,
     format_utc,
+    write_items,
 )
-from oodmon.queue_export import write_jsonl, write_label_studio
 
-FORMATS = ("label-studio", "jsonl")
+__all__ = [
+    "cmd_claim",
+    "cmd_done",
+    "cmd_export",
+    "cmd_ls",
+    "cmd_release",
+    "cmd_stats",
+    "format_items",
+    "format_table",
+    "register",
+]
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -132,6 +144,7 @@ def _open(url: str, *, read_only: bool) -> LabelQueue:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    """``oodmon queue ls``: a table of items, most OOD first."""
     with _open(args.url, read_only=True) as queue:
         items = queue.items(args.status, model=args.model, limit=args.limit or None)
         total = queue.stats()
@@ -142,6 +155,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    """``oodmon queue stats``: counts by status, capacity, evictions."""
     with _open(args.url, read_only=True) as queue:
         stats = queue.stats()
         url = queue.url
@@ -154,21 +168,28 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    """``oodmon queue export``: every matching item, most OOD first."""
     with _open(args.url, read_only=True) as queue:
-        items = queue.iter_items(
-            args.status, model=args.model, limit=args.limit or None, include_inputs=True
+        count = export_queue(
+            queue,
+            _destination(args),
+            format=args.format,
+            status=args.status,
+            model=args.model,
+            limit=args.limit or None,
+            class_names=_class_names(args),
         )
-        count = _write(items, args)
     if args.output != "-":
         print(f"wrote {count} items to {args.output} ({args.format})", file=sys.stderr)
     return 0
 
 
 def cmd_claim(args: argparse.Namespace) -> int:
+    """``oodmon queue claim``: lease the most-OOD queued items to a worker."""
     with _open(args.url, read_only=False) as queue:
         items = queue.claim(args.n, args.worker, args.lease)
     if args.output is not None:
-        _write(items, args)
+        write_items(items, _destination(args), format=args.format, class_names=_class_names(args))
     if args.output != "-":
         print(format_items(items))
         until = format_utc(items[0].lease_expires_at) if items else "-"
@@ -177,6 +198,7 @@ def cmd_claim(args: argparse.Namespace) -> int:
 
 
 def cmd_done(args: argparse.Namespace) -> int:
+    """``oodmon queue done``: record an item's label."""
     with _open(args.url, read_only=False) as queue:
         item = queue.done(args.id, args.label, worker=args.worker)
     print(f"{item.id}: labelled {item.label!r}")
@@ -184,18 +206,19 @@ def cmd_done(args: argparse.Namespace) -> int:
 
 
 def cmd_release(args: argparse.Namespace) -> int:
+    """``oodmon queue release``: give a claimed item back."""
     with _open(args.url, read_only=False) as queue:
         queue.release(args.id, worker=args.worker)
     print(f"{args.id}: released")
     return 0
 
 
-def _write(items: Any, args: argparse.Namespace) -> int:
-    names = None if not args.class_names else [n.strip() for n in args.class_names.split(",")]
-    dest = sys.stdout if args.output == "-" else args.output
-    if args.format == "jsonl":
-        return write_jsonl(items, dest)
-    return write_label_studio(items, dest, class_names=names)
+def _destination(args: argparse.Namespace) -> Any:
+    return sys.stdout if args.output == "-" else args.output
+
+
+def _class_names(args: argparse.Namespace) -> list[str] | None:
+    return None if not args.class_names else [n.strip() for n in args.class_names.split(",")]
 
 
 # ---------------------------------------------------------------------- tables
@@ -243,6 +266,7 @@ def format_items(items: Sequence[QueueItem]) -> str:
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Left-aligned columns under ``headers``, two spaces apart (no trailing spaces)."""
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     lines = [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()

@@ -1,5 +1,9 @@
 """Label-queue exports: Label Studio import JSON, JSON Lines, and the PNG encoding they use.
 
+One path serves the API and ``oodmon queue export``: :func:`export_queue` reads a queue
+page by page and hands the items to :func:`write_items`, which ``oodmon queue claim -o``
+uses for the items it claimed.
+
 Label Studio tasks carry the input (a PNG data URI for image-like inputs, else the array or
 its reference) and the OOD evidence in ``data``, and a prediction whose ``model_version``
 names the model, version and calibration, with ``score = 1 - p_value`` (higher = more OOD)
@@ -15,19 +19,32 @@ import struct
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 import numpy as np
 
-from oodmon.label_queue import finite_or_none
+from oodmon.label_queue.item import QueueItem, finite_or_none
+from oodmon.label_queue.store import LabelQueue
 
-if TYPE_CHECKING:
-    from oodmon.label_queue import QueueItem
+__all__ = [
+    "FORMATS",
+    "export_queue",
+    "label_studio_task",
+    "png_bytes",
+    "write_items",
+    "write_jsonl",
+    "write_label_studio",
+]
+
+#: Export formats: Label Studio import JSON (a list of tasks), or JSON Lines (every field).
+FORMATS = ("label-studio", "jsonl")
 
 
 def png_bytes(image: np.ndarray) -> bytes:
-    """Encode a grayscale (``[H, W]``, ``[1, H, W]``, ``[H, W, 1]``) or RGB (``[3, H, W]``,
-    ``[H, W, 3]``) array as an 8-bit PNG (zlib + struct; no imaging library).
+    """Encode a grayscale or RGB image array as an 8-bit PNG (zlib + struct; no imaging library).
+
+    Grayscale is ``[H, W]``, ``[1, H, W]`` or ``[H, W, 1]``; RGB is ``[3, H, W]`` or
+    ``[H, W, 3]``.
 
     uint8 is written as is; floats in [0, 1] are scaled by 255; anything else is min-max
     normalised to [0, 255].
@@ -208,3 +225,84 @@ def write_jsonl(
         if owned:
             fh.close()
     return count
+
+
+def write_items(
+    items: Iterable[QueueItem],
+    dest: str | os.PathLike[str] | IO[str],
+    *,
+    format: str = "label-studio",
+    class_names: Sequence[str] | None = None,
+    from_name: str = "label",
+    to_name: str = "image",
+) -> int:
+    """Write ``items`` in one of :data:`FORMATS` to a path or text file.
+
+    Args:
+        items: the items, inputs included (they are what labellers look at).
+        dest: a file path, or an open text file (left open).
+        format: ``"label-studio"`` (see :func:`label_studio_task`) or ``"jsonl"`` (see
+            :meth:`QueueItem.to_json`).
+        class_names: names of the predicted classes, for Label Studio predictions.
+        from_name: the Label Studio labelling config's control name (``<Choices name>``).
+        to_name: its object name (``<Image name>``), the ``data`` key of the input.
+
+    Returns:
+        The number of items written.
+
+    Raises:
+        ValueError: an unknown format.
+        FileNotFoundError: the directory of ``dest`` does not exist.
+    """
+    if format == "jsonl":
+        return write_jsonl(items, dest)
+    if format == "label-studio":
+        return write_label_studio(
+            items, dest, class_names=class_names, from_name=from_name, to_name=to_name
+        )
+    raise ValueError(f"Expected `format` to be one of {FORMATS}, but got {format!r}.")
+
+
+def export_queue(
+    queue: LabelQueue,
+    dest: str | os.PathLike[str] | IO[str],
+    *,
+    format: str = "label-studio",
+    status: str | None = None,
+    model: str | None = None,
+    limit: int | None = None,
+    class_names: Sequence[str] | None = None,
+    from_name: str = "label",
+    to_name: str = "image",
+) -> int:
+    """Export a queue's items, most OOD first, as Label Studio tasks or JSON Lines.
+
+    Reads page by page (:meth:`LabelQueue.iter_items`), so a large queue is never held in
+    memory; a read-only queue is enough.
+
+    Args:
+        queue: the queue to read.
+        dest: a file path, or an open text file (left open).
+        format: one of :data:`FORMATS`.
+        status: only items with this effective status (``"queued"``, ``"claimed"``,
+            ``"done"``), or None for all.
+        model: only this model's items.
+        limit: at most this many items.
+        class_names: names of the predicted classes (see :func:`write_items`).
+        from_name: the Label Studio control name (see :func:`write_items`).
+        to_name: the Label Studio object name (see :func:`write_items`).
+
+    Returns:
+        The number of items written.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"Expected `format` to be one of {FORMATS}, but got {format!r}.")
+    items = queue.iter_items(status, model=model, limit=limit, include_inputs=True)
+    return write_items(
+        items,
+        dest,
+        format=format,
+        class_names=class_names,
+        from_name=from_name,
+        to_name=to_name,
+    )

@@ -11,7 +11,7 @@ URL is opened. Concurrency:
 
 A read-only queue sets ``default_transaction_read_only`` on its session, so the server
 itself refuses any write. A dropped connection is re-opened on the next call. Connection
-errors never carry the password of the URL (see :func:`oodmon.queue_url.scrub`).
+errors never carry the password of the URL (see :func:`oodmon.label_queue.url.scrub`).
 """
 
 from __future__ import annotations
@@ -20,19 +20,21 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from oodmon.label_queue import (
+from oodmon.label_queue.errors import (
     QueueError,
     QueueUnavailableError,
     ReadOnlyQueueError,
 )
-from oodmon.queue_url import QueueURL, scrub
+from oodmon.label_queue.url import QueueURL, scrub
+
+__all__ = ["PostgresBackend"]
 
 #: Advisory-lock key under which the schema is created (any constant unique to oodmon).
 _SCHEMA_LOCK_KEY = 0x00D_0000_0001
 
 
 def _psycopg() -> Any:
-    try:
+    try:  # imported on first use, not at the top: psycopg is an optional extra
         import psycopg
     except ImportError as err:
         raise ImportError(
@@ -88,6 +90,7 @@ class PostgresBackend:
 
     @contextmanager
     def transaction(self, write: bool) -> Iterator[None]:
+        """One transaction; a write one refuses on a read-only queue."""
         if write and self.read_only:
             raise ReadOnlyQueueError(f"The label queue {self.location.redacted} is read-only.")
         psycopg = self._psycopg
@@ -114,33 +117,40 @@ class PostgresBackend:
             ) from None
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run ``sql`` (``?`` placeholders) and return every row."""
         with self.conn.cursor() as cursor:
             cursor.execute(_placeholders(sql), tuple(params))
             return cursor.fetchall() if cursor.description is not None else []
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run ``sql`` (``?`` placeholders) and return the number of rows it changed."""
         with self.conn.cursor() as cursor:
             cursor.execute(_placeholders(sql), tuple(params))
             return int(cursor.rowcount)
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Run ``sql`` once per row of parameters (nothing for no rows)."""
         if rows:
             with self.conn.cursor() as cursor:
                 cursor.executemany(_placeholders(sql), [tuple(r) for r in rows])
 
     def table_names(self) -> set[str]:
+        """The tables of the database (of the current schema on PostgreSQL)."""
         rows = self.query(
             "SELECT table_name FROM information_schema.tables WHERE table_schema = current_schema()"
         )
         return {str(name) for (name,) in rows}
 
     def serialize_adders(self) -> None:
+        """Hold a row lock on ``meta`` until commit: adders queue up, claimers do not."""
         self.query("SELECT value FROM meta WHERE key = 'rejected' FOR UPDATE")
 
     def serialize_schema(self) -> None:
+        """Hold the schema advisory lock until commit, so one process creates the tables."""
         self.query("SELECT pg_advisory_xact_lock(?)", (_SCHEMA_LOCK_KEY,))
 
     def close(self) -> None:
+        """Close the connection."""
         if self.conn is not None:
             self.conn.close()
             self.conn = None
@@ -152,6 +162,8 @@ def _one_line(message: str) -> str:
 
 
 def _placeholders(sql: str) -> str:
-    """Turn the queue's ``?`` placeholders into psycopg's ``%s`` (the SQL has no literals
-    containing ``?`` or ``%``)."""
+    """Turn the queue's ``?`` placeholders into psycopg's ``%s``.
+
+    Safe because the queue's SQL has no literals containing ``?`` or ``%``.
+    """
     return sql.replace("?", "%s")

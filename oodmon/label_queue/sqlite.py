@@ -3,7 +3,7 @@
 Writers take the database lock up front (``BEGIN IMMEDIATE``), so a claim, an add and a
 done never interleave; readers use plain ``BEGIN`` and see a consistent snapshot while a
 writer works (WAL). ``synchronous=FULL`` makes every committed transaction durable before
-``COMMIT`` returns, which is what :class:`~oodmon.queue_writer.QueueWriter` reports as
+``COMMIT`` returns, which is what :class:`~oodmon.label_queue.QueueWriter` reports as
 committed. A read-only queue opens the file with ``mode=ro``: SQLite may create the
 ``-wal``/``-shm`` side files it needs to read, but never changes the database.
 """
@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from oodmon.label_queue import (
+from oodmon.label_queue.errors import (
     NotAQueueError,
     QueueError,
     QueueUnavailableError,
     ReadOnlyQueueError,
 )
-from oodmon.queue_url import QueueURL
+from oodmon.label_queue.url import QueueURL
+
+__all__ = ["SQLiteBackend"]
 
 
 class SQLiteBackend:
@@ -86,6 +88,7 @@ class SQLiteBackend:
 
     @contextmanager
     def transaction(self, write: bool) -> Iterator[None]:
+        """One transaction; a write one refuses on a read-only queue."""
         if write and self.read_only:
             raise ReadOnlyQueueError(f"The label queue {self.location.redacted} is read-only.")
         self._run(self.conn.execute, "BEGIN IMMEDIATE" if write else "BEGIN")
@@ -100,6 +103,7 @@ class SQLiteBackend:
             self._run(self.conn.execute, "COMMIT")
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run ``sql`` (``?`` placeholders) and return every row."""
         cursor = self._run(self.conn.execute, sql, tuple(params))
         try:
             return cursor.fetchall()
@@ -107,6 +111,7 @@ class SQLiteBackend:
             cursor.close()
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run ``sql`` (``?`` placeholders) and return the number of rows it changed."""
         cursor = self._run(self.conn.execute, sql, tuple(params))
         try:
             return cursor.rowcount
@@ -114,10 +119,12 @@ class SQLiteBackend:
             cursor.close()
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Run ``sql`` once per row of parameters (nothing for no rows)."""
         if rows:
             self._run(self.conn.executemany, sql, [tuple(r) for r in rows]).close()
 
     def table_names(self) -> set[str]:
+        """The tables of the database (of the current schema on PostgreSQL)."""
         rows = self.query("SELECT name FROM sqlite_master WHERE type = 'table'")
         return {str(name) for (name,) in rows}
 
@@ -128,6 +135,7 @@ class SQLiteBackend:
         """Nothing to do: ``BEGIN IMMEDIATE`` already holds the only write lock."""
 
     def close(self) -> None:
+        """Close the connection."""
         self.conn.close()
 
     # ------------------------------------------------------------------ errors

@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from urllib.parse import unquote
 
+__all__ = ["QueueURL", "parse_url", "redact_url", "scrub"]
+
 
 @dataclass(frozen=True)
 class QueueURL:

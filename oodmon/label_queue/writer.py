@@ -10,6 +10,11 @@ buffer absorbs new rows; once the buffer is full, new rows are dropped and count
 (``dropped``, returned to the Monitor, which exports it as a metric). ``close()`` flushes
 within a deadline, and so does interpreter exit.
 
+Processes: the writer is registered with :mod:`oodmon._lifecycle`, which closes it at
+interpreter exit (after the Monitors that feed it) and resets it in a child after
+``os.fork()`` (gunicorn ``--preload``): the child gets its own thread and an empty buffer,
+and opens its own connection, since the parent's cannot be shared (see :class:`QueueWriter`).
+
 Counters (all cumulative): ``dropped`` (refused by ``submit``: buffer full or closed),
 ``failed`` (accepted but never written: unconvertible input, or still unwritten at the
 close deadline), ``committed_batches`` / ``committed_rows`` (written and committed),
@@ -18,31 +23,35 @@ close deadline), ``committed_batches`` / ``committed_rows`` (written and committ
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import os
 import threading
 import time
-import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
+import torch
 
-from oodmon.label_queue import (
-    AddResult,
-    LabelQueue,
-    QueueError,
-    QueueItem,
-    npy_bytes,
-)
-from oodmon.queue_url import parse_url, scrub
+from oodmon._lifecycle import LogOnce, Stage, forget, track
+from oodmon.label_queue.errors import QueueError
+from oodmon.label_queue.item import AddResult, QueueItem, npy_bytes
+from oodmon.label_queue.store import LabelQueue
+from oodmon.label_queue.url import parse_url, scrub
 from oodmon.sinks import DetectorSummary
 from oodmon.verdict import Observation
 
+__all__ = ["QueueWriter", "Writable", "observation_items"]
+
 logger = logging.getLogger("oodmon")
+
+#: Queues opened by a parent process and inherited by a forked child. The child never uses
+#: them (a connection cannot be shared across processes) and never closes them either:
+#: closing acts on the parent's connection (SQLite file handles; a PostgreSQL session's
+#: socket). Kept referenced so that garbage collection does not close them in the child.
+_INHERITED_QUEUES: list[object] = []
 
 # The writer thread pauses this long every _YIELD_EVERY rows it converts (see _write).
 _YIELD_EVERY = 32
@@ -52,9 +61,11 @@ _YIELD_SECONDS = 1e-4
 class Writable(Protocol):
     """What the writer needs from a queue: :class:`~oodmon.label_queue.LabelQueue` has it."""
 
-    def add(self, items: Sequence[QueueItem]) -> AddResult: ...
+    def add(self, items: Sequence[QueueItem]) -> AddResult:
+        """Store ``items`` in one transaction."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release the connection."""
 
 
 class QueueWriter:
@@ -75,7 +86,17 @@ class QueueWriter:
         capacity: the queue's capacity, when the writer opens it from a URL.
         on_commit: called on the writer thread with the stored ids of each committed batch.
         retry_initial, retry_max: back-off bounds, in seconds, between failed writes.
-        close_timeout: default seconds :meth:`close` spends flushing before giving up.
+        close_timeout: default seconds :meth:`close` spends flushing before giving up
+            (interpreter exit included).
+
+    After ``os.fork()`` the child's writer starts afresh: its own thread, an empty buffer
+    (the parent's rows are the parent's to write) and zeroed counters. It never uses the
+    parent's connection: a writer built from a URL drops it (unused and unclosed: closing
+    would act on the parent's connection) and opens its own on the first write. A
+    :class:`~oodmon.label_queue.LabelQueue` passed in is treated the same way: the child
+    opens a new ``LabelQueue`` to the same location (same ``clock``; capacity as stored),
+    owned and closed by the writer, and leaves the passed-in object alone. Any other queue
+    object is used as it is, so it must itself be safe to use after a fork.
 
     Raises:
         ValueError: a bad URL or argument (checked here; the database is not touched here).
@@ -136,7 +157,13 @@ class QueueWriter:
         self.retry_initial = float(retry_initial)
         self.retry_max = float(retry_max)
         self.close_timeout = float(close_timeout)
+        self._log_once = LogOnce(logger, prefix=f"oodmon label-queue writer ({self.url}): ")
+        self._reset_state()
+        self._start()
+        track(self, Stage.SINK)
 
+    def _reset_state(self) -> None:
+        """Fresh locks, buffer and counters (at start, and in a forked child)."""
         self._cond = threading.Condition(threading.Lock())
         self._stop = threading.Event()  # interrupts back-off sleeps on close
         self._buffer: deque[Observation] = deque()
@@ -154,10 +181,10 @@ class QueueWriter:
         self._retries = 0
         self._depth: int | None = None
         self._last_error: str | None = None
-        self._logged: set[str] = set()
+
+    def _start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="oodmon-queue-writer", daemon=True)
         self._thread.start()
-        _live_writers.add(self)
 
     # ------------------------------------------------------------------ QueueSink
 
@@ -194,7 +221,7 @@ class QueueWriter:
                     self._cond.notify_all()
                 return n - kept
         except Exception as err:  # a sink must never break inference
-            self._log_once("submit", f"submit failed ({type(err).__name__}: {err})")
+            self._log_once("submit", f"submit failed ({type(err).__name__}: {err}).")
             try:
                 n = len(observation)
             except Exception:
@@ -242,13 +269,46 @@ class QueueWriter:
         # a write already under way is not interrupted: allow it a moment beyond the deadline
         self._thread.join(wait + 5.0)
         if self._thread.is_alive():
+            with self._cond:
+                pending = self._buffered + self._inflight
             logger.warning(
                 "oodmon label-queue writer (%s): still writing %.0f s after close(); "
-                "leaving it to finish in the background.",
+                "leaving it to finish in the background (%d rows not written yet; they are "
+                "lost if the process exits first).",
                 self.url,
                 wait + 5.0,
+                pending,
             )
-        _live_writers.discard(self)
+        forget(self)
+
+    def _close_at_exit(self) -> None:
+        """Interpreter exit: :meth:`close` within ``close_timeout``; losses are logged.
+
+        Rows still unwritten at the deadline are counted in ``failed`` and logged with
+        their number (buffered and in-flight rows alike).
+        """
+        self.close()
+
+    def _reset_after_fork(self) -> None:
+        """In a forked child: a new thread, locks and buffer; never the parent's connection."""
+        was_closing = self._closing
+        inherited = self._queue
+        self._reset_state()
+        self._log_once.reset()
+        if isinstance(inherited, LabelQueue) and self._factory is None:
+            # a LabelQueue passed in: the child opens its own to the same location
+            location, clock = inherited.location, inherited.clock
+            self._factory = lambda: LabelQueue(location.target, clock=clock)
+            self._secret_source = location.target
+        if self._factory is not None:  # open our own connection on the next write
+            self._queue = None
+            if inherited is not None:
+                _INHERITED_QUEUES.append(inherited)
+        if was_closing:  # closed (or closing) in the parent: closed here too, no thread
+            self._closing = self._closed = True
+            forget(self)
+            return
+        self._start()
 
     def __enter__(self) -> QueueWriter:
         return self
@@ -263,26 +323,32 @@ class QueueWriter:
 
     @property
     def dropped(self) -> int:
+        """Rows refused by :meth:`submit` (buffer full, or the writer closed)."""
         return self._dropped
 
     @property
     def failed(self) -> int:
+        """Rows accepted but never written (unconvertible, or unwritten at the close deadline)."""
         return self._failed
 
     @property
     def committed_batches(self) -> int:
+        """Transactions committed."""
         return self._committed_batches
 
     @property
     def committed_rows(self) -> int:
+        """Rows committed (merged duplicates count; rows a full queue rejected do not)."""
         return self._committed_rows
 
     @property
     def retries(self) -> int:
+        """Failed write attempts."""
         return self._retries
 
     @property
     def buffered(self) -> int:
+        """Rows waiting in memory now."""
         return self._buffered
 
     @property
@@ -303,7 +369,9 @@ class QueueWriter:
                     self._write(chunk)
                 except Exception as err:  # last resort: the thread must not die
                     self._log_once(
-                        "writer", f"writer thread error ({type(err).__name__}: {err})", exc_info=err
+                        "writer",
+                        f"writer thread error ({type(err).__name__}: {err}).",
+                        exc_info=err,
                     )
                     with self._cond:
                         self._failed += sum(len(o) for o in chunk)
@@ -352,13 +420,17 @@ class QueueWriter:
         self._inflight = taken
         return chunk
 
-    def _abandon_buffer(self, why: str) -> None:
-        lost = self._buffered
+    def _abandon_buffer(self, why: str, in_flight: int = 0) -> None:
+        """Give up on every buffered row, and on ``in_flight`` rows taken from the buffer.
+
+        Holds ``_cond``. Counts them all in ``failed`` and logs how many were not written.
+        """
+        lost = self._buffered + in_flight
         self._buffer.clear()
         self._buffered = 0
         self._failed += lost
         logger.warning(
-            "oodmon label-queue writer (%s): %d buffered rows not written: %s.", self.url, lost, why
+            "oodmon label-queue writer (%s): %d rows not written: %s.", self.url, lost, why
         )
 
     def _write(self, chunk: list[Observation]) -> None:
@@ -386,7 +458,7 @@ class QueueWriter:
             self._log_once(
                 "convert",
                 f"{bad} flagged rows could not be turned into queue "
-                "items (unsupported input or evidence); they are counted in `failed`",
+                "items (unsupported input or evidence); they are counted in `failed`.",
             )
         delay = self.retry_initial
         while items:
@@ -401,15 +473,15 @@ class QueueWriter:
                     self._last_error = message
                     deadline = self._deadline
                     if self._closing and deadline is not None and time.monotonic() >= deadline:
-                        self._failed += len(items)
                         self._abandon_buffer(
-                            f"the database failed until the close() deadline ({message})"
+                            f"the database failed until the close() deadline ({message})",
+                            in_flight=len(items),
                         )
                         return
                 self._log_once(
                     f"write:{type(err).__name__}",
                     f"writing a batch failed ({message}); retrying with back-off, "
-                    f"rows are buffered (up to {self.buffer_rows}) and dropped beyond",
+                    f"rows are buffered (up to {self.buffer_rows}) and dropped beyond.",
                     exc_info=None if isinstance(err, QueueError) else err,
                 )
                 pause = delay
@@ -435,7 +507,9 @@ class QueueWriter:
                     self.on_commit(stored)
                 except Exception as err:
                     self._log_once(
-                        "on_commit", f"on_commit failed ({type(err).__name__}: {err})", exc_info=err
+                        "on_commit",
+                        f"on_commit failed ({type(err).__name__}: {err}).",
+                        exc_info=err,
                     )
             return
 
@@ -457,11 +531,6 @@ class QueueWriter:
         text = f"{type(err).__name__}: {err}"
         return scrub(text, self._secret_source) if self._secret_source else text
 
-    def _log_once(self, key: str, message: str, exc_info: BaseException | None = None) -> None:
-        if key in self._logged:
-            return
-        self._logged.add(key)
-        logger.warning("oodmon label-queue writer (%s): %s.", self.url, message, exc_info=exc_info)
 
 
 def observation_items(
@@ -534,16 +603,11 @@ def _iter_items(
 def _input_rows(inputs: Any, n: int) -> Sequence[Any]:
     if inputs is None:
         return [None] * n
-    try:
-        import torch
-
-        if isinstance(inputs, torch.Tensor):
-            t = inputs.detach()
-            if t.dtype == torch.bfloat16:
-                t = t.to(torch.float32)
-            inputs = t.cpu().numpy()  # the one device-to-host copy, on the writer thread
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
+    if isinstance(inputs, torch.Tensor):
+        t = inputs.detach()
+        if t.dtype == torch.bfloat16:  # numpy has no bfloat16
+            t = t.to(torch.float32)
+        inputs = t.cpu().numpy()  # the one device-to-host copy, on the writer thread
     if isinstance(inputs, np.ndarray) and inputs.ndim == 0:
         raise ValueError("Expected one input per row, but got a 0-d array.")
     if len(inputs) != n:
@@ -557,13 +621,3 @@ def _most_ood(observation: Observation, keep: int) -> Observation:
     order = np.lexsort((verdict.distance, verdict.p_value))[:keep]
     return observation.take(np.sort(order))
 
-
-_live_writers: weakref.WeakSet[QueueWriter] = weakref.WeakSet()
-
-
-@atexit.register
-def _flush_live_writers() -> None:
-    """Interpreter exit: flush every open writer (a Monitor's own exit hook closes it later)."""
-    for writer in list(_live_writers):
-        with contextlib.suppress(Exception):
-            writer.flush(timeout=writer.close_timeout)

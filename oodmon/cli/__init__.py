@@ -1,0 +1,10 @@
+"""The ``oodmon`` command line: one module per command group.
+
+- ``main``: the parser, :func:`main` (the console script), and the detector commands
+  ``calibrate``, ``score``, ``inspect`` and ``demo``;
+- ``queue``: ``oodmon queue ls|stats|export|claim|done|release``.
+"""
+
+from oodmon.cli.main import main
+
+__all__ = ["main"]
