@@ -107,9 +107,7 @@ def test_label_studio_export(url, clock, tmp_path):
         put(q, 9, 0.04)  # labelled: filtered out below
         q.done(q.items()[-1].id, "cat")
         out = tmp_path / "tasks.json"
-        count = export_queue(
-            q, out, status="queued", class_names=[f"digit-{k}" for k in range(10)]
-        )
+        count = export_queue(q, out, status="queued", class_names=[f"digit-{k}" for k in range(10)])
     tasks = json.loads(out.read_text())  # strict JSON: no NaN/Infinity
     assert count == len(tasks) == 3
     for task in tasks:

@@ -342,4 +342,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(err) or type(err).__name__
         print(f"oodmon: error: {message}", file=sys.stderr)
         return code
-

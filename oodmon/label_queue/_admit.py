@@ -91,9 +91,7 @@ def admit(db: Backend, batch: Sequence[QueueItem], now: float, default_capacity:
     expire_leases(db, now)
     meta = dict(db.query("SELECT key, value FROM meta"))
     capacity = int(meta.get("capacity", default_capacity))
-    n_open = int(
-        db.query("SELECT COUNT(*) FROM items WHERE status IN ('queued', 'claimed')")[0][0]
-    )
+    n_open = int(db.query("SELECT COUNT(*) FROM items WHERE status IN ('queued', 'claimed')")[0][0])
     known = merge_known_inputs(db, groups)
     evicted = admit_new_inputs(db, groups, room=max(capacity - n_open, 0))
     ids, added, merged, rejected = tally(keys, groups, known)

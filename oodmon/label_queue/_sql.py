@@ -64,7 +64,6 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-
 def schema_statements(backend: Backend) -> list[str]:
     """The statements that create the tables and the priority index, if missing."""
     f, b = backend.float_type, backend.blob_type
@@ -122,7 +121,6 @@ STATUS_FILTERS = {
     "done": ("status = 'done'", 0),
 }
 META_COUNTERS = ("evicted", "rejected")
-
 
 
 def expire_leases(db: Backend, now: float) -> None:
@@ -186,4 +184,3 @@ def row_to_item(row: Sequence[Any], now: float) -> QueueItem:
         label=label,
         labelled_at=None if labelled is None else float(labelled),
     )
-

@@ -32,6 +32,7 @@ __all__ = [
 
 STATUSES = ("queued", "claimed", "done")
 
+
 @dataclass(frozen=True)
 class QueueItem:
     """One input waiting for (or having received) a label.
@@ -278,7 +279,6 @@ class QueueStats:
             "duplicates": self.duplicates,
             "schema_version": self.schema_version,
         }
-
 
 
 def format_utc(t: float | None) -> str:

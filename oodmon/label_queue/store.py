@@ -329,8 +329,15 @@ class LabelQueue:
                 "WHERE id = ?",
                 [(worker, expires, row[0]) for row in rows],
             )
-        claimed = {"status": "claimed", "claimed_by": worker, "lease_expires_at": expires}
-        return [replace(row_to_item(row, now), **claimed) for row in rows]
+        return [
+            replace(
+                row_to_item(row, now),
+                status="claimed",
+                claimed_by=worker,
+                lease_expires_at=expires,
+            )
+            for row in rows
+        ]
 
     def done(self, id: str, label: str, worker: str | None = None) -> QueueItem:
         """Record ``label`` for item ``id`` and mark it done (labelling again overwrites).
@@ -478,8 +485,7 @@ class LabelQueue:
         with self._transaction(write=False) as db:
             now = self.clock()
             by_status = db.query(
-                "SELECT status, COUNT(*), COALESCE(SUM(seen_count), 0) FROM items "
-                "GROUP BY status"
+                "SELECT status, COUNT(*), COALESCE(SUM(seen_count), 0) FROM items GROUP BY status"
             )
             expired = db.query(
                 "SELECT COUNT(*) FROM items WHERE status = 'claimed' AND lease_expires_at <= ?",
@@ -508,4 +514,3 @@ def _check_worker(worker: str | None) -> str | None:
     if not isinstance(worker, str) or not worker:
         raise ValueError(f"Expected `worker` to be a non-empty string, but got {worker!r}.")
     return worker
-

@@ -532,7 +532,6 @@ class QueueWriter:
         return scrub(text, self._secret_source) if self._secret_source else text
 
 
-
 def observation_items(
     observation: Observation, *, store_inputs: bool = True, calibration: str | None = None
 ) -> tuple[list[QueueItem], int]:
@@ -620,4 +619,3 @@ def _most_ood(observation: Observation, keep: int) -> Observation:
     verdict = observation.verdict
     order = np.lexsort((verdict.distance, verdict.p_value))[:keep]
     return observation.take(np.sort(order))
-
