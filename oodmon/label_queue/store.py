@@ -45,7 +45,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
-from oodmon.label_queue import _admit
+from oodmon.label_queue._admit import admit
 from oodmon.label_queue._sql import (
     COLS_NO_INPUT,
     COLS_WITH_INPUT,
@@ -295,7 +295,7 @@ class LabelQueue:
                 )
         with self._transaction(write=True) as db:
             db.serialize_adders()
-            return _admit.admit(db, batch, self.clock(), self._capacity)
+            return admit(db, batch, self.clock(), self._capacity)
 
     # ------------------------------------------------------------------ labelling
 
