@@ -16,20 +16,25 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from oodmon import conformal
-from oodmon.errors import FormatVersionError, NotFittedError
+from oodmon.errors import FormatVersionError, NotFittedError, OutputShapeError
 from oodmon.ocs import OCS
-from oodmon.scores import INPUT_KINDS, InputKind, ScoreSpec, check_score, default_score, distance
+from oodmon.scores import (
+    INPUT_KINDS,
+    InputKind,
+    ScoreSpec,
+    as_batch,
+    batch_distance,
+    check_score,
+    default_score,
+)
 from oodmon.verdict import Verdict
 
 #: Version of the JSON layout written by :meth:`Detector.save`.
 DETECTOR_FORMAT_VERSION = 1
-#: Scores whose verdict distance is exactly ``-score`` (they are negated distances).
-NEGATED_DISTANCE_SCORES = ("ocs_kl", "ocs_distance")
 
 
 class Detector:
@@ -182,10 +187,10 @@ class Detector:
         with _full_precision(x):
             score = self._spec.compute(x, self.ocs, self.kind, self.temperature)
             # the OCS scores are negated distances already: don't compute them twice
-            if self.score in NEGATED_DISTANCE_SCORES:
+            if self._spec.negated_distance:
                 dist = -score
             else:
-                dist = distance(x, self.ocs, self.kind)
+                dist = batch_distance(x, self.ocs, self.kind)
         p = conformal.p_values(score, self._calibration_on(score.device))
         invalid = torch.isnan(score)
         flag = (p <= self.alpha) & ~invalid
@@ -210,21 +215,15 @@ class Detector:
             return self._spec.compute(x, self.ocs, self.kind, self.temperature)
 
     def _check_outputs(self, outputs: Any) -> Tensor:
-        x = outputs if isinstance(outputs, Tensor) else torch.as_tensor(np.asarray(outputs))
-        if x.ndim == 1:
-            x = x.unsqueeze(0)
-        if x.ndim != 2:
-            raise ValueError(
-                f"Expected outputs of shape [N, {self.num_outputs}], "
-                f"but got shape {tuple(x.shape)}."
-            )
-        if x.shape[1] != self.num_outputs:
-            raise ValueError(
-                f"Expected outputs with {self.num_outputs} columns (the detector's OCS has "
-                f"{self.num_outputs} outputs), but got {x.shape[1]}: is this the model the "
-                "detector was calibrated for?"
-            )
-        return x.detach()
+        """The batch's one shape and dtype check (the score kernels check nothing)."""
+        try:
+            return as_batch(outputs, self.num_outputs)
+        except OutputShapeError as err:
+            if err.reason != "wrong_width":
+                raise
+            raise OutputShapeError(
+                f"{err} Is this the model the detector was calibrated for?", err.reason
+            ) from None
 
     def _calibration_on(self, device: torch.device) -> Tensor:
         key = (device, torch.float64)

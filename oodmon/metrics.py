@@ -44,6 +44,7 @@ from prometheus_client.registry import Collector
 
 from oodmon._batch_histogram import BatchHistogram, multiprocess_enabled
 from oodmon.conformal import score_cutoffs
+from oodmon.scores import SCORES
 from oodmon.sinks import DetectorSummary
 from oodmon.verdict import INVALID_REASONS, Observation
 
@@ -325,8 +326,10 @@ class PrometheusMetrics:
             summary.calibration_hash,
         )
         series = self._build_series(*key, reason=summary.score)
+        spec = SCORES.get(summary.score)
         if (
-            summary.distance_is_negated_score
+            spec is not None
+            and spec.negated_distance  # distance == -score exactly: one sort serves both
             and summary.calibration_scores is not None
             and series.p_value.batched
             and series.distance.batched

@@ -34,8 +34,6 @@ class DetectorSummary:
     #: The sorted calibration scores (a read-only tensor), for sinks that count p-values
     #: from scores (:func:`oodmon.conformal.score_cutoffs`); not a label.
     calibration_scores: Any = field(default=None, compare=False, repr=False)
-    #: True when ``distance == -score`` exactly (the OCS scores), so one sort serves both.
-    distance_is_negated_score: bool = False
 
 
 @runtime_checkable

@@ -247,7 +247,7 @@ def test_unclosed_unreferenced_monitors_are_collected(detector: Detector) -> Non
     monitor = Monitor(detector, "m", "1", linger=0.0)
     monitor.submit(id_logits(2, seed=3))
     monitor.flush(timeout=30)
-    worker = monitor._worker
+    worker = monitor._batcher.worker
     ref = weakref.ref(monitor)
     del monitor
     deadline = time.monotonic() + 10
