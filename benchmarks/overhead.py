@@ -30,7 +30,7 @@ from torch import nn
 
 from oodmon import OCS, Detector, Monitor, wrap
 from oodmon.metrics import PrometheusMetrics
-from oodmon.mnist import SmallCNN
+from oodmon.demo.mnist import SmallCNN
 from oodmon.queue_writer import QueueWriter
 
 

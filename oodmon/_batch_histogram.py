@@ -40,9 +40,11 @@ from typing import Any
 import numpy as np
 from prometheus_client import Histogram
 
+__all__ = ["BatchHistogram", "multiprocess_enabled"]
+
 logger = logging.getLogger("oodmon")
 
-MODES = ("memory", "values", "observe")
+_MODES = ("memory", "values", "observe")
 _warned = False
 
 

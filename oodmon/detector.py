@@ -33,6 +33,8 @@ from oodmon.scores import (
 )
 from oodmon.verdict import Verdict
 
+__all__ = ["DETECTOR_FORMAT_VERSION", "Detector"]
+
 #: Version of the JSON layout written by :meth:`Detector.save`.
 DETECTOR_FORMAT_VERSION = 1
 

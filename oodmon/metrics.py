@@ -77,9 +77,9 @@ DEFAULT_SCORING_SECONDS_BUCKETS: tuple[float, ...] = (
 
 #: ``reason`` on ``oodmon_flagged_total`` when a batch arrives for a model that was never
 #: described (the sink used without a Monitor).
-UNKNOWN_SCORE = "unknown"
+_UNKNOWN_SCORE = "unknown"
 #: ``reason`` on ``oodmon_invalid_outputs_total`` for a reason outside ``INVALID_REASONS``.
-OTHER_REASON = "other"
+_OTHER_REASON = "other"
 
 _MODEL_LABELS = ("model", "model_version")
 
@@ -400,7 +400,7 @@ class PrometheusMetrics:
             with self._lock:
                 series = self._series.get((model, version))
                 if series is None:
-                    series = self._build_series(model, version, reason=UNKNOWN_SCORE)
+                    series = self._build_series(model, version, reason=_UNKNOWN_SCORE)
                     self._series[(model, version)] = series
         return series
 
@@ -421,7 +421,7 @@ class PrometheusMetrics:
     def _invalid_child(self, series: _Series, observation: Observation, reason: str) -> Any:
         child = series.invalid.get(reason)
         if child is None:  # keep the label bounded whatever the Monitor sends
-            child = self._invalid.labels(observation.model, observation.version, OTHER_REASON)
+            child = self._invalid.labels(observation.model, observation.version, _OTHER_REASON)
         return child
 
     def __repr__(self) -> str:

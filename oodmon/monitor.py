@@ -38,6 +38,8 @@ from oodmon.errors import OutputShapeError
 from oodmon.sinks import DetectorSummary, MetricsSink, QueueSink
 from oodmon.verdict import HostVerdict, Observation, Verdict
 
+__all__ = ["DEFAULT_MAX_PENDING", "DEFAULT_MAX_PENDING_BYTES", "Monitor", "MonitorStats"]
+
 logger = logging.getLogger("oodmon")
 
 #: Rows waiting for the background thread beyond which new batches are dropped (and counted).

@@ -28,6 +28,15 @@ from torch import Tensor
 
 from oodmon.errors import FormatVersionError
 
+__all__ = [
+    "DEFAULT_FLOOR",
+    "LOSSES",
+    "OCS",
+    "OCS_FORMAT_VERSION",
+    "LossName",
+    "reward_targets",
+]
+
 LossName = Literal[
     "cross_entropy", "binary_cross_entropy", "mse", "gaussian_nll", "reward_prediction", "custom"
 ]

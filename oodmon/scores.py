@@ -25,6 +25,25 @@ from torch import Tensor
 from oodmon.errors import OutputShapeError
 from oodmon.ocs import LOSSES, OCS
 
+__all__ = [
+    "INPUT_KINDS",
+    "SCORES",
+    "InputKind",
+    "ScoreSpec",
+    "as_batch",
+    "batch_distance",
+    "check_score",
+    "compute_score",
+    "default_score",
+    "distance",
+    "energy",
+    "entropy",
+    "kl_to_ocs",
+    "max_logit",
+    "msp",
+    "reverse_kl_to_ocs",
+]
+
 InputKind = Literal["logits", "probs", "log_probs"]
 INPUT_KINDS: tuple[str, ...] = ("logits", "probs", "log_probs")
 
@@ -224,18 +243,12 @@ def _reverse_kl_to_ocs(x: Tensor, ocs: OCS, kind: str) -> Tensor:
     return _invalidate(kl.clamp_min(0.0), x, kind)
 
 
-def bernoulli_kl_to_ocs(outputs: Tensor, ocs: OCS, kind: InputKind = "logits") -> Tensor:
+def _bernoulli_kl_to_ocs(x: Tensor, ocs: OCS, kind: str) -> Tensor:
     """Per-label Bernoulli KL to the positive rates, summed over labels (multi-label heads).
 
     ``sum_l q_l log(q_l / r_l) + (1 - q_l) log((1 - q_l) / (1 - r_l))`` with ``q = sigmoid(z)``.
     ``kind="probs"`` takes per-label probabilities; ``"log_probs"`` is not defined here.
     """
-    _check_kind(kind, ("logits", "probs"))
-    _require_loss(ocs, ("binary_cross_entropy",), "bernoulli_kl_to_ocs")
-    return _bernoulli_kl_to_ocs(as_batch(outputs, ocs.num_outputs), ocs, kind)
-
-
-def _bernoulli_kl_to_ocs(x: Tensor, ocs: OCS, kind: str) -> Tensor:
     rate = ocs.constant_on("target", x.device, x.dtype)
     if kind == "logits":
         log_q, log_not_q = F.logsigmoid(x), F.logsigmoid(-x)
@@ -251,28 +264,18 @@ def _bernoulli_kl_to_ocs(x: Tensor, ocs: OCS, kind: str) -> Tensor:
     return _invalidate(kl.sum(dim=-1).clamp_min(0.0), x)
 
 
-def mse_to_ocs(outputs: Tensor, ocs: OCS) -> Tensor:
-    """Mean squared difference to the OCS over all outputs (MSE, reward and custom heads)."""
-    _require_loss(ocs, ("mse", "reward_prediction", "custom"), "mse_to_ocs")
-    return _mse_to_ocs(as_batch(outputs, ocs.num_outputs), ocs)
-
-
 def _mse_to_ocs(x: Tensor, ocs: OCS) -> Tensor:
+    """Mean squared difference to the OCS over all outputs (MSE, reward and custom heads)."""
     target = ocs.constant_on("target", x.device, x.dtype)
     return _invalidate((x - target).square().mean(dim=-1), x)
 
 
-def gaussian_kl_to_ocs(outputs: Tensor, ocs: OCS) -> Tensor:
+def _gaussian_kl_to_ocs(x: Tensor, ocs: OCS) -> Tensor:
     """``KL(N(mu(x), s2(x)) || N(ybar, v))`` summed over the D targets (Gaussian NLL heads).
 
     The outputs are ``[mean_1..mean_D, var_1..var_D]``; a non-positive variance makes the row
     NaN (invalid).
     """
-    _require_loss(ocs, ("gaussian_nll",), "gaussian_kl_to_ocs")
-    return _gaussian_kl_to_ocs(as_batch(outputs, ocs.num_outputs), ocs)
-
-
-def _gaussian_kl_to_ocs(x: Tensor, ocs: OCS) -> Tensor:
     assert ocs.variance is not None  # a gaussian_nll OCS always has one
     d = x.shape[-1] // 2
     mu, s2 = x[:, :d], x[:, d:]
@@ -313,11 +316,10 @@ def distance(
         )
     if ocs.loss == "cross_entropy":
         return reverse_kl_to_ocs(outputs, ocs, kind) if reverse else kl_to_ocs(outputs, ocs, kind)
-    if ocs.loss == "binary_cross_entropy":
-        return bernoulli_kl_to_ocs(outputs, ocs, kind)
-    if ocs.loss == "gaussian_nll":
-        return gaussian_kl_to_ocs(outputs, ocs)
-    return mse_to_ocs(outputs, ocs)
+    if not isinstance(ocs, OCS):
+        raise ValueError(f"Expected `ocs` to be an oodmon.OCS, but got {type(ocs).__name__}.")
+    _check_kind(kind, ("logits", "probs") if ocs.loss == "binary_cross_entropy" else INPUT_KINDS)
+    return batch_distance(as_batch(outputs, ocs.num_outputs), ocs, kind)
 
 
 def batch_distance(x: Tensor, ocs: OCS, kind: str) -> Tensor:

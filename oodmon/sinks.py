@@ -17,6 +17,14 @@ import numpy as np
 
 from oodmon.verdict import Observation
 
+__all__ = [
+    "DetectorSummary",
+    "InMemoryMetrics",
+    "InMemoryQueue",
+    "MetricsSink",
+    "QueueSink",
+]
+
 
 @dataclass(frozen=True)
 class DetectorSummary:

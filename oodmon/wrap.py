@@ -27,6 +27,8 @@ from torch import Tensor, nn
 
 from oodmon.monitor import Monitor
 
+__all__ = ["MonitoredModel", "OutputSelector", "select_output", "wrap"]
+
 OutputSelector = int | str | Callable[[Any], Tensor] | None
 
 _SHARED_TABLES = (
@@ -179,7 +181,7 @@ def select_output(result: Any, output: OutputSelector = None) -> Tensor:
     return getattr(result, output)
 
 
-def known_output_width(model: nn.Module) -> int | None:
+def _known_output_width(model: nn.Module) -> int | None:
     """The output width of a model whose last registered layer is a Linear, else None."""
     leaves = [m for m in model.modules() if not list(m.children())]
     if leaves and isinstance(leaves[-1], nn.Linear):
@@ -223,7 +225,7 @@ def wrap(
             f"Expected `monitor` to be an oodmon.Monitor, but got {type(monitor).__name__}."
         )
     if check_width and output is None:
-        width = known_output_width(model)
+        width = _known_output_width(model)
         expected = monitor.detector.num_outputs
         if width is not None and width != expected:
             raise ValueError(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -300,3 +301,18 @@ def test_submit_copies_inputs_so_a_reused_buffer_queues_what_was_seen(detector: 
         no_copy.submit(near_ocs(detector, 2), inputs=buffer, copy_inputs=False)
     no_copy.flush()
     assert torch.cat([obs.inputs for obs in shared.observations])[:, 0].tolist() == [1, 1, 1, 1]
+
+
+def test_queue_must_be_a_sink_and_the_error_says_what_to_pass(
+    detector: Detector, tmp_path: Path
+) -> None:
+    from oodmon import LabelQueue, QueueWriter
+
+    location = tmp_path / "queue.sqlite"
+    for given in (str(location), location):
+        with pytest.raises(ValueError, match=r"oodmon\.QueueWriter\(.*queue\.sqlite"):
+            Monitor(detector, "m", "1", queue=given)  # type: ignore[arg-type]
+    with LabelQueue(location) as store, pytest.raises(ValueError, match=r"QueueWriter\("):
+        Monitor(detector, "m", "1", queue=store)  # type: ignore[arg-type]
+    with QueueWriter(location) as writer:  # the sink it asks for is accepted
+        Monitor(detector, "m", "1", queue=writer).close()

@@ -37,6 +37,8 @@ def test_wrapping_example_runs(tmp_path: Path) -> None:
     code = re.search(r"```python\n(.*?)\n```", section, re.S)
     assert code is not None
     source = code.group(1)
+    imports = [line for line in source.splitlines() if re.match(r"(from|import) ", line)]
+    assert imports == ["import oodmon"], "the example must need `import oodmon` alone"
     source = source.replace("port=9464", "port=0").replace(
         '"flagged.sqlite"', repr(str(tmp_path / "flagged.sqlite"))
     )
