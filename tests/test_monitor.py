@@ -10,17 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import NUM_CLASSES, id_logits
+from conftest import NUM_CLASSES, id_logits, near_ocs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from oodmon import Detector, Observation
 from oodmon.monitor import Monitor, _FlagWindow
 from oodmon.sinks import InMemoryMetrics, InMemoryQueue, MetricsSink, QueueSink
-
-
-def near_ocs(detector: Detector, n: int) -> torch.Tensor:
-    return detector.ocs.log_target.float().expand(n, NUM_CLASSES).clone()
 
 
 def test_observe_counts_and_feeds_sinks(detector: Detector) -> None:
@@ -309,9 +305,9 @@ def test_queue_must_be_a_sink_and_the_error_says_what_to_pass(
     from oodmon import LabelQueue, QueueWriter
 
     location = tmp_path / "queue.sqlite"
-    for given in (str(location), location):
+    for location_given in (str(location), location):
         with pytest.raises(ValueError, match=r"oodmon\.QueueWriter\(.*queue\.sqlite"):
-            Monitor(detector, "m", "1", queue=given)  # type: ignore[arg-type]
+            Monitor(detector, "m", "1", queue=location_given)  # type: ignore[arg-type]
     with LabelQueue(location) as store, pytest.raises(ValueError, match=r"QueueWriter\("):
         Monitor(detector, "m", "1", queue=store)  # type: ignore[arg-type]
     with QueueWriter(location) as writer:  # the sink it asks for is accepted
