@@ -29,8 +29,8 @@ from prometheus_client import CollectorRegistry
 from torch import nn
 
 from oodmon import OCS, Detector, Monitor, wrap
-from oodmon.metrics import PrometheusMetrics
 from oodmon.demo.mnist import SmallCNN
+from oodmon.metrics import PrometheusMetrics
 from oodmon.queue_writer import QueueWriter
 
 

@@ -187,8 +187,11 @@ class Batcher:
     # ------------------------------------------------------------------ worker side
 
     def _start_worker(self) -> None:
-        """Start the background thread. It holds the batcher only weakly while idle, so an
-        unclosed, unreferenced owner is collected and its thread ends."""
+        """Start the background thread.
+
+        It holds the batcher only weakly while idle, so an unclosed, unreferenced owner is
+        collected and its thread ends.
+        """
         self.worker = threading.Thread(
             target=_work, args=(weakref.ref(self),), name=f"oodmon-monitor-{self._name}",
             daemon=True,
@@ -286,9 +289,11 @@ def _work(ref: weakref.ReferenceType[Batcher]) -> None:
 
 
 def yield_gil() -> None:
-    """Let a waiting inference thread take the GIL now. Without this, a thread that needs
-    the GIL while the worker runs Python waits for the interpreter's switch interval (5 ms),
-    which shows up directly in the model's p99 latency."""
+    """Let a waiting inference thread take the GIL now.
+
+    Without this, a thread that needs the GIL while the worker runs Python waits for the
+    interpreter's switch interval (5 ms), which shows up directly in the model's p99 latency.
+    """
     time.sleep(0)
 
 
@@ -307,8 +312,11 @@ def nbytes(inputs: Any) -> int:
 
 
 def _copies_done_event(x: Tensor) -> Any:
-    """On CUDA, an event after the caller's copies: the worker scores on another stream and
-    must not read the copies before the caller's stream has written them."""
+    """On CUDA, an event after the caller's copies (None elsewhere).
+
+    The worker scores on another stream and must not read the copies before the caller's
+    stream has written them.
+    """
     if x.device.type != "cuda":
         return None
     event = torch.cuda.Event()

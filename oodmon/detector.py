@@ -101,6 +101,7 @@ class Detector:
 
     @property
     def is_fitted(self) -> bool:
+        """Whether :meth:`fit` (or :meth:`load`) has run."""
         return "calibration_scores_" in self.__dict__
 
     @property
@@ -189,10 +190,8 @@ class Detector:
         with _full_precision(x):
             score = self._spec.compute(x, self.ocs, self.kind, self.temperature)
             # the OCS scores are negated distances already: don't compute them twice
-            if self._spec.negated_distance:
-                dist = -score
-            else:
-                dist = batch_distance(x, self.ocs, self.kind)
+            negated = self._spec.negated_distance
+            dist = -score if negated else batch_distance(x, self.ocs, self.kind)
         p = conformal.p_values(score, self._calibration_on(score.device))
         invalid = torch.isnan(score)
         flag = (p <= self.alpha) & ~invalid
@@ -206,8 +205,11 @@ class Detector:
         )
 
     def _predicted(self, x: Tensor, invalid: Tensor) -> Tensor:
-        """The argmax class, or -1 where there is none: regression heads and invalid rows
-        (an argmax over NaN is meaningless and must not pass for a prediction)."""
+        """The argmax class, or -1 where there is none.
+
+        None for regression heads and invalid rows: an argmax over NaN is meaningless and
+        must not pass for a prediction.
+        """
         if self.ocs.loss in ("cross_entropy", "reward_prediction"):
             return x.argmax(dim=-1).masked_fill(invalid, -1)
         return torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device)
@@ -342,8 +344,11 @@ class Detector:
 
 
 def _full_precision(x: Tensor) -> contextlib.AbstractContextManager[None]:
-    """Score outside any autocast region of the caller: calibration ran in full precision,
-    and matrix products in bfloat16 would shift scores by hundredths of a nat."""
+    """Score outside any autocast region of the caller.
+
+    Calibration ran in full precision, and matrix products in bfloat16 would shift scores by
+    hundredths of a nat.
+    """
     device_type = x.device.type
     try:
         enabled = torch.is_autocast_enabled(device_type)

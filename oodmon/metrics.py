@@ -517,6 +517,7 @@ class MetricsServer:
 
     @property
     def url(self) -> str:
+        """The address of the ``/metrics`` page."""
         host = f"[{self.addr}]" if ":" in self.addr else self.addr
         return f"http://{host}:{self.port}/metrics"
 
@@ -606,7 +607,7 @@ def mark_process_dead(pid: int, path: str | os.PathLike[str] | None = None) -> N
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    """gunicorn ``child_exit`` hook: ``child_exit = oodmon.metrics.child_exit`` in the config."""
+    """Gunicorn ``child_exit`` hook: ``child_exit = oodmon.metrics.child_exit`` in the config."""
     mark_process_dead(worker.pid)
 
 

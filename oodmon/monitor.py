@@ -72,10 +72,12 @@ class MonitorStats:
 
     @property
     def invalid_total(self) -> int:
+        """Invalid rows over every reason."""
         return sum(self.invalid.values())
 
     @property
     def errors_total(self) -> int:
+        """Monitoring failures over every exception kind."""
         return sum(self.errors.values())
 
 
@@ -344,8 +346,10 @@ class Monitor:
         self.close(timeout=10.0)
 
     def _reset_after_fork(self) -> None:
-        """In a forked child (gunicorn --preload): the parent's thread, locks and pending
-        batches do not exist here, so the monitor starts afresh."""
+        """Start afresh in a forked child (gunicorn --preload).
+
+        The parent's thread, locks and pending batches do not exist in the child.
+        """
         self._reset_state()
 
     def _matched_extras(

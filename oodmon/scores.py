@@ -104,8 +104,11 @@ def _log_probs(x: Tensor, kind: str) -> Tensor:
 
 
 def _zero_log0(log_p: Tensor, kind: str) -> Tensor:
-    """Make ``p * log p`` vanish where ``p = 0`` (only probability inputs can hold exact zeros;
-    log_softmax of finite logits is always finite, so logits skip this pass)."""
+    """Make ``p * log p`` vanish where ``p = 0``.
+
+    Only probability inputs can hold exact zeros; log_softmax of finite logits is always
+    finite, so logits skip this pass.
+    """
     if kind == "logits":
         return log_p
     return torch.where(torch.isneginf(log_p), torch.zeros_like(log_p), log_p)
@@ -135,6 +138,7 @@ def msp(outputs: Tensor, kind: InputKind = "logits") -> Tensor:
 
     Args:
         outputs: ``[N, K]`` logits (or probabilities / log-probabilities per ``kind``).
+        kind: what ``outputs`` hold: ``"logits"``, ``"probs"`` or ``"log_probs"``.
 
     Returns:
         ``[N]`` score in ``[-1, -1/K]``; higher = more OOD.
@@ -205,6 +209,7 @@ def kl_to_ocs(outputs: Tensor, ocs: OCS, kind: InputKind = "logits") -> Tensor:
     Args:
         outputs: ``[N, K]`` logits (or probabilities / log-probabilities per ``kind``).
         ocs: a cross-entropy OCS.
+        kind: what ``outputs`` hold: ``"logits"``, ``"probs"`` or ``"log_probs"``.
 
     Returns:
         ``[N]`` non-negative distances; 0 exactly at the OCS.

@@ -73,6 +73,7 @@ class MonitoredModel(nn.Module):
         self._copy_inputs = copy_inputs
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the model and report its outputs; returns exactly what the model returned."""
         result = self.model(*args, **kwargs)
         if self.model.training and not self._monitor_training:
             self.monitor._log_once(
@@ -100,6 +101,7 @@ class MonitoredModel(nn.Module):
             self.monitor._record_error("wrap", err)
 
     def train(self, mode: bool = True) -> MonitoredModel:
+        """Set the model's mode (and this wrapper's); monitoring follows the model's mode."""
         self.model.train(mode)
         self.training = mode
         return self
@@ -143,6 +145,7 @@ class MonitoredModel(nn.Module):
             return getattr(self.__dict__["model"], name)
 
     def extra_repr(self) -> str:
+        """Name the monitor in the module's repr."""
         return f"monitor={self.monitor!r}"
 
 

@@ -66,3 +66,12 @@ def test_wrapping_example_runs(tmp_path: Path) -> None:
             collector = REGISTRY._names_to_collectors.get(name)
             if collector is not None:
                 REGISTRY.unregister(collector)
+
+
+def test_changelog_lists_every_metric_name() -> None:
+    from oodmon.metrics import METRIC_NAMES
+
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    unreleased = changelog.split("## Unreleased", 1)[1].split("\n## ", 1)[0]
+    missing = [name for name in METRIC_NAMES if f"`{name}`" not in unreleased]
+    assert not missing, f"CHANGELOG.md's Unreleased section does not list {missing}"

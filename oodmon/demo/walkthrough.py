@@ -56,6 +56,7 @@ def _scenario(quick: bool) -> list[_Phase]:
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``oodmon demo`` options to ``parser``."""
     parser.add_argument("--workdir", default="oodmon-demo", help="where outputs are written")
     parser.add_argument(
         "--cache-dir",
