@@ -120,7 +120,6 @@ def main(argv: list[str] | None = None) -> int:
             10,
             "cross_entropy",
             calibration_scores=calibration,
-            distance_is_negated_score=True,
         )
     )
     # a detector with a non-OCS score (msp, energy, ...): distances and p-values sorted apart

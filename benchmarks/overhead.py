@@ -29,9 +29,9 @@ from prometheus_client import CollectorRegistry
 from torch import nn
 
 from oodmon import OCS, Detector, Monitor, wrap
+from oodmon.demo.mnist import SmallCNN
 from oodmon.label_queue import QueueWriter
 from oodmon.metrics import PrometheusMetrics
-from oodmon.mnist import SmallCNN
 
 
 @dataclass

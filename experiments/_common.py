@@ -24,7 +24,7 @@ import torch
 from scipy import optimize, stats
 
 import oodmon
-from oodmon import mnist
+from oodmon.demo import mnist
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from scipy import optimize
 from tqdm import tqdm
 
-from oodmon import OCS, Detector, distance, mnist, reward_targets
+from oodmon import OCS, Detector, distance, reward_targets
+from oodmon.demo import mnist
 
 POLICIES = ("standard", "reward_prediction", "standard_oodmon", "standard_msp", "oracle")
 LABELS = {

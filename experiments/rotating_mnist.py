@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from oodmon import OCS, Detector, distance, mnist
+from oodmon import OCS, Detector, distance
+from oodmon.demo import mnist
 from oodmon.scores import compute_score
 
 #: Every score the AUROC is computed for (oodmon's OCS scores and the usual baselines).

@@ -4,8 +4,9 @@ Public API; everything else is internal. Sign convention: higher OOD score = mor
 """
 
 from oodmon.detector import Detector
-from oodmon.errors import FormatVersionError, NotFittedError, OodmonError
+from oodmon.errors import FormatVersionError, NotFittedError, OodmonError, OutputShapeError
 from oodmon.label_queue import LabelQueue, QueueItem, QueueWriter
+from oodmon.metrics import PrometheusMetrics, serve
 from oodmon.monitor import Monitor, MonitorStats
 from oodmon.ocs import OCS, reward_targets
 from oodmon.scores import SCORES, distance
@@ -26,11 +27,14 @@ __all__ = [
     "NotFittedError",
     "Observation",
     "OodmonError",
+    "OutputShapeError",
+    "PrometheusMetrics",
     "QueueItem",
     "QueueWriter",
     "Verdict",
     "__version__",
     "distance",
     "reward_targets",
+    "serve",
     "wrap",
 ]

@@ -40,9 +40,11 @@ from typing import Any
 import numpy as np
 from prometheus_client import Histogram
 
+__all__ = ["BatchHistogram", "multiprocess_enabled"]
+
 logger = logging.getLogger("oodmon")
 
-MODES = ("memory", "values", "observe")
+_MODES = ("memory", "values", "observe")
 _warned = False
 
 
@@ -150,8 +152,10 @@ class BatchHistogram(Histogram):
         self.observe_cumulative(cumulative, float(values.sum()) if total is None else total)
 
     def observe_cumulative(self, cumulative: np.ndarray, total: float) -> None:
-        """Add pre-counted observations: ``cumulative[i]`` values were ``<=`` bound ``i`` (the
-        last bound is +Inf, so the last entry is the count) and they summed to ``total``.
+        """Add pre-counted observations.
+
+        ``cumulative[i]`` values were ``<=`` bound ``i`` (the last bound is +Inf, so the last
+        entry is the count) and they summed to ``total``.
 
         Raises:
             RuntimeError: in the per-sample fallback (check :attr:`batched` first).

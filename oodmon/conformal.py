@@ -19,6 +19,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+__all__ = [
+    "benjamini_hochberg",
+    "check_alpha",
+    "finite_scores",
+    "min_calibration_size",
+    "p_values",
+    "score_cutoffs",
+    "score_threshold",
+]
+
 
 def min_calibration_size(alpha: float) -> int:
     """Smallest n for which ``p <= alpha`` can ever happen: ``ceil(1 / alpha) - 1``."""
@@ -62,12 +72,12 @@ def p_values(scores: Tensor, calibration_sorted: Tensor) -> Tensor:
 
 #: Infinite scores are legitimate extremes (an exact zero probability under the reverse KL);
 #: they are clamped to the largest float64 so that p-values stay defined and JSON stays plain.
-SCORE_LIMIT = torch.finfo(torch.float64).max
+_SCORE_LIMIT = torch.finfo(torch.float64).max
 
 
 def finite_scores(scores: Tensor) -> Tensor:
-    """``scores`` with +-inf clamped to +-``SCORE_LIMIT`` (NaN stays NaN: invalid rows)."""
-    return scores.clamp(-SCORE_LIMIT, SCORE_LIMIT)
+    """``scores`` with +-inf clamped to +-``_SCORE_LIMIT`` (NaN stays NaN: invalid rows)."""
+    return scores.clamp(-_SCORE_LIMIT, _SCORE_LIMIT)
 
 
 def score_threshold(calibration_sorted: Tensor, alpha: float) -> float:
@@ -107,7 +117,7 @@ def score_cutoffs(calibration_sorted: Any, p_edges: Sequence[float]) -> list[flo
             cutoffs.append(-math.inf)
         else:
             cutoff = float(cal[n - 1 - m])
-            cutoffs.append(math.inf if cutoff >= SCORE_LIMIT else cutoff)
+            cutoffs.append(math.inf if cutoff >= _SCORE_LIMIT else cutoff)
     return cutoffs
 
 

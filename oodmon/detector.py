@@ -16,20 +16,27 @@ import os
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from oodmon import conformal
-from oodmon.errors import FormatVersionError, NotFittedError
+from oodmon.errors import FormatVersionError, NotFittedError, OutputShapeError
 from oodmon.ocs import OCS
-from oodmon.scores import INPUT_KINDS, InputKind, ScoreSpec, check_score, default_score, distance
+from oodmon.scores import (
+    INPUT_KINDS,
+    InputKind,
+    ScoreSpec,
+    as_batch,
+    batch_distance,
+    check_score,
+    default_score,
+)
 from oodmon.verdict import Verdict
+
+__all__ = ["DETECTOR_FORMAT_VERSION", "Detector"]
 
 #: Version of the JSON layout written by :meth:`Detector.save`.
 DETECTOR_FORMAT_VERSION = 1
-#: Scores whose verdict distance is exactly ``-score`` (they are negated distances).
-NEGATED_DISTANCE_SCORES = ("ocs_kl", "ocs_distance")
 
 
 class Detector:
@@ -94,6 +101,7 @@ class Detector:
 
     @property
     def is_fitted(self) -> bool:
+        """Whether :meth:`fit` (or :meth:`load`) has run."""
         return "calibration_scores_" in self.__dict__
 
     @property
@@ -182,10 +190,8 @@ class Detector:
         with _full_precision(x):
             score = self._spec.compute(x, self.ocs, self.kind, self.temperature)
             # the OCS scores are negated distances already: don't compute them twice
-            if self.score in NEGATED_DISTANCE_SCORES:
-                dist = -score
-            else:
-                dist = distance(x, self.ocs, self.kind)
+            negated = self._spec.negated_distance
+            dist = -score if negated else batch_distance(x, self.ocs, self.kind)
         p = conformal.p_values(score, self._calibration_on(score.device))
         invalid = torch.isnan(score)
         flag = (p <= self.alpha) & ~invalid
@@ -199,8 +205,11 @@ class Detector:
         )
 
     def _predicted(self, x: Tensor, invalid: Tensor) -> Tensor:
-        """The argmax class, or -1 where there is none: regression heads and invalid rows
-        (an argmax over NaN is meaningless and must not pass for a prediction)."""
+        """The argmax class, or -1 where there is none.
+
+        None for regression heads and invalid rows: an argmax over NaN is meaningless and
+        must not pass for a prediction.
+        """
         if self.ocs.loss in ("cross_entropy", "reward_prediction"):
             return x.argmax(dim=-1).masked_fill(invalid, -1)
         return torch.full((x.shape[0],), -1, dtype=torch.int64, device=x.device)
@@ -210,21 +219,15 @@ class Detector:
             return self._spec.compute(x, self.ocs, self.kind, self.temperature)
 
     def _check_outputs(self, outputs: Any) -> Tensor:
-        x = outputs if isinstance(outputs, Tensor) else torch.as_tensor(np.asarray(outputs))
-        if x.ndim == 1:
-            x = x.unsqueeze(0)
-        if x.ndim != 2:
-            raise ValueError(
-                f"Expected outputs of shape [N, {self.num_outputs}], "
-                f"but got shape {tuple(x.shape)}."
-            )
-        if x.shape[1] != self.num_outputs:
-            raise ValueError(
-                f"Expected outputs with {self.num_outputs} columns (the detector's OCS has "
-                f"{self.num_outputs} outputs), but got {x.shape[1]}: is this the model the "
-                "detector was calibrated for?"
-            )
-        return x.detach()
+        """The batch's one shape and dtype check (the score kernels check nothing)."""
+        try:
+            return as_batch(outputs, self.num_outputs)
+        except OutputShapeError as err:
+            if err.reason != "wrong_width":
+                raise
+            raise OutputShapeError(
+                f"{err} Is this the model the detector was calibrated for?", err.reason
+            ) from None
 
     def _calibration_on(self, device: torch.device) -> Tensor:
         key = (device, torch.float64)
@@ -341,8 +344,11 @@ class Detector:
 
 
 def _full_precision(x: Tensor) -> contextlib.AbstractContextManager[None]:
-    """Score outside any autocast region of the caller: calibration ran in full precision,
-    and matrix products in bfloat16 would shift scores by hundredths of a nat."""
+    """Score outside any autocast region of the caller.
+
+    Calibration ran in full precision, and matrix products in bfloat16 would shift scores by
+    hundredths of a nat.
+    """
     device_type = x.device.type
     try:
         enabled = torch.is_autocast_enabled(device_type)

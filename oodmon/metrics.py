@@ -44,6 +44,7 @@ from prometheus_client.registry import Collector
 
 from oodmon._batch_histogram import BatchHistogram, multiprocess_enabled
 from oodmon.conformal import score_cutoffs
+from oodmon.scores import SCORES
 from oodmon.sinks import DetectorSummary
 from oodmon.verdict import INVALID_REASONS, Observation
 
@@ -76,9 +77,9 @@ DEFAULT_SCORING_SECONDS_BUCKETS: tuple[float, ...] = (
 
 #: ``reason`` on ``oodmon_flagged_total`` when a batch arrives for a model that was never
 #: described (the sink used without a Monitor).
-UNKNOWN_SCORE = "unknown"
+_UNKNOWN_SCORE = "unknown"
 #: ``reason`` on ``oodmon_invalid_outputs_total`` for a reason outside ``INVALID_REASONS``.
-OTHER_REASON = "other"
+_OTHER_REASON = "other"
 
 _MODEL_LABELS = ("model", "model_version")
 
@@ -325,8 +326,10 @@ class PrometheusMetrics:
             summary.calibration_hash,
         )
         series = self._build_series(*key, reason=summary.score)
+        spec = SCORES.get(summary.score)
         if (
-            summary.distance_is_negated_score
+            spec is not None
+            and spec.negated_distance  # distance == -score exactly: one sort serves both
             and summary.calibration_scores is not None
             and series.p_value.batched
             and series.distance.batched
@@ -397,7 +400,7 @@ class PrometheusMetrics:
             with self._lock:
                 series = self._series.get((model, version))
                 if series is None:
-                    series = self._build_series(model, version, reason=UNKNOWN_SCORE)
+                    series = self._build_series(model, version, reason=_UNKNOWN_SCORE)
                     self._series[(model, version)] = series
         return series
 
@@ -418,7 +421,7 @@ class PrometheusMetrics:
     def _invalid_child(self, series: _Series, observation: Observation, reason: str) -> Any:
         child = series.invalid.get(reason)
         if child is None:  # keep the label bounded whatever the Monitor sends
-            child = self._invalid.labels(observation.model, observation.version, OTHER_REASON)
+            child = self._invalid.labels(observation.model, observation.version, _OTHER_REASON)
         return child
 
     def __repr__(self) -> str:
@@ -514,6 +517,7 @@ class MetricsServer:
 
     @property
     def url(self) -> str:
+        """The address of the ``/metrics`` page."""
         host = f"[{self.addr}]" if ":" in self.addr else self.addr
         return f"http://{host}:{self.port}/metrics"
 
@@ -603,7 +607,7 @@ def mark_process_dead(pid: int, path: str | os.PathLike[str] | None = None) -> N
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    """gunicorn ``child_exit`` hook: ``child_exit = oodmon.metrics.child_exit`` in the config."""
+    """Gunicorn ``child_exit`` hook: ``child_exit = oodmon.metrics.child_exit`` in the config."""
     mark_process_dead(worker.pid)
 
 

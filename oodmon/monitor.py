@@ -17,15 +17,12 @@ reason and never treated as in-distribution.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import logging
 import numbers
 import os
 import threading
 import time
-import weakref
-from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,9 +31,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from oodmon.detector import NEGATED_DISTANCE_SCORES, Detector
+from oodmon._batcher import Batcher, row_count
+from oodmon._lifecycle import LogOnce, Stage, forget, track
+from oodmon.detector import Detector
+from oodmon.errors import OutputShapeError
 from oodmon.sinks import DetectorSummary, MetricsSink, QueueSink
 from oodmon.verdict import HostVerdict, Observation, Verdict
+
+__all__ = ["DEFAULT_MAX_PENDING", "DEFAULT_MAX_PENDING_BYTES", "Monitor", "MonitorStats"]
 
 logger = logging.getLogger("oodmon")
 
@@ -70,10 +72,12 @@ class MonitorStats:
 
     @property
     def invalid_total(self) -> int:
+        """Invalid rows over every reason."""
         return sum(self.invalid.values())
 
     @property
     def errors_total(self) -> int:
+        """Monitoring failures over every exception kind."""
         return sum(self.errors.values())
 
 
@@ -108,19 +112,6 @@ class _FlagWindow:
         return self._filled, float(view.mean())
 
 
-@dataclass
-class _Pending:
-    """A submitted batch waiting for the background thread."""
-
-    outputs: Tensor
-    inputs: Any
-    ids: Sequence[str] | None
-    seq: int
-    rows: int
-    nbytes: int
-    ready: Any = None  # a torch.cuda.Event recorded after the copies, on the caller's stream
-
-
 class Monitor:
     """Scores a model's outputs with a fitted Detector and reports them to sinks.
 
@@ -129,7 +120,9 @@ class Monitor:
         name: model name (a metric label: keep it to a small fixed set).
         version: model version (a metric label).
         metrics: a :class:`~oodmon.sinks.MetricsSink`, e.g. ``oodmon.metrics.PrometheusMetrics``.
-        queue: a :class:`~oodmon.sinks.QueueSink` that receives flagged rows.
+        queue: a :class:`~oodmon.sinks.QueueSink` that receives flagged rows, such as
+            ``oodmon.QueueWriter(path_or_url)``. A queue location (a path, a URL) or a
+            ``LabelQueue`` is not a sink: wrap it in ``oodmon.QueueWriter``.
         on_flag: called with the :class:`~oodmon.verdict.Observation` of the flagged rows of
             each batch that has any (on the background thread for submitted batches).
         window: how many recent rows ``stats().window_flag_rate`` covers.
@@ -144,7 +137,8 @@ class Monitor:
 
     Raises:
         NotFittedError: the detector is not fitted.
-        ValueError: empty name or version, or a bad size or duration.
+        ValueError: empty name or version, a bad size or duration, or a ``queue`` that is
+            not a queue sink.
     """
 
     detector: Detector
@@ -159,7 +153,7 @@ class Monitor:
     linger: float
     max_batch_rows: int
     _window_size: int
-    _closed: bool
+    _batcher: Batcher
 
     def __init__(
         self,
@@ -195,6 +189,7 @@ class Monitor:
                 raise ValueError(f"Expected `{arg}` to be a positive integer, but got {number!r}.")
         if not isinstance(linger, numbers.Real) or not 0 <= linger <= 3600:
             raise ValueError(f"Expected `linger` in seconds in [0, 3600], but got {linger!r}.")
+        _check_queue_sink(queue)
         if on_flag is not None and not callable(on_flag):
             raise ValueError(f"Expected `on_flag` to be callable, but got {on_flag!r}.")
         self.detector = detector
@@ -209,18 +204,25 @@ class Monitor:
         self.linger = float(linger)
         self.max_batch_rows = int(max_batch_rows)
         self._window_size = int(window)
-        self._closed = False
+        self._batcher = Batcher(
+            self._process,
+            self._record_error,
+            name=name,
+            max_pending=self.max_pending,
+            max_pending_bytes=self.max_pending_bytes,
+            linger=self.linger,
+            max_batch_rows=self.max_batch_rows,
+        )
         self._reset_state()
 
         if metrics is not None:
             self._guard("describe", metrics.describe, self.summary())
         if queue is not None and callable(getattr(queue, "describe", None)):
             self._guard("queue.describe", queue.describe, self.summary())
-        _live_monitors.add(self)
-        _register_exit_hook()
+        track(self, Stage.PRODUCER)
 
     def _reset_state(self) -> None:
-        """Fresh counters, locks and background queue (at start, and in a forked child)."""
+        """Fresh counters, locks and backlog (at start, and in a forked child)."""
         self._lock = threading.Lock()
         self._seen = 0
         self._flagged = 0
@@ -228,19 +230,9 @@ class Monitor:
         self._errors: dict[str, int] = {}
         self._skipped = 0
         self._window = _FlagWindow(self._window_size)
-        self._logged_kinds: set[str] = set()
+        self._log_once = LogOnce(logger)
         self._deferred_error: Exception | None = None
-        # background scoring for submit(): batches carry increasing sequence numbers, and
-        # flush() waits until the batch that was last when it was called is done
-        self._wakeup = threading.Condition(threading.Lock())
-        self._pending: deque[_Pending] = deque()
-        self._pending_rows = 0
-        self._pending_bytes = 0
-        self._submitted = 0
-        self._done = 0
-        self._flush_target = 0
-        self._worker: threading.Thread | None = None
-        self._worker_idle = False
+        self._batcher.reset()
 
     def summary(self) -> DetectorSummary:
         """What sinks may know about this monitor's detector (all values bounded)."""
@@ -256,7 +248,6 @@ class Monitor:
             num_outputs=d.num_outputs,
             loss=d.ocs.loss,
             calibration_scores=d.calibration_scores_,
-            distance_is_negated_score=d.score in NEGATED_DISTANCE_SCORES,
         )
 
     # ------------------------------------------------------------------ synchronous path
@@ -280,7 +271,7 @@ class Monitor:
         """
         try:
             x = self._as_outputs(outputs)
-            rows = _row_count(x)
+            rows = row_count(x)
             if self._closed:
                 self._count_skipped(rows, "closed")
                 return None
@@ -310,53 +301,13 @@ class Monitor:
         """
         try:
             x = self._as_outputs(outputs)
-            rows = _row_count(x)
+            rows = row_count(x)
             inputs, ids = self._matched_extras(rows, inputs, ids)
-            nbytes = _nbytes(x) + _nbytes(inputs)
-            with self._wakeup:
-                reason = self._refusal(rows, nbytes)
-                if reason is None:  # reserve the room; the copies happen outside the lock
-                    self._pending_rows += rows
-                    self._pending_bytes += nbytes
-            if reason is not None:
-                self._count_skipped(rows, reason)
-                return
-            x = x.clone()
-            if copy_inputs and isinstance(inputs, (Tensor, np.ndarray)):
-                inputs = inputs.clone() if isinstance(inputs, Tensor) else inputs.copy()
-            item = _Pending(x, inputs, ids, 0, rows, nbytes, _copies_done_event(x))
-            with self._wakeup:
-                if self._closed:  # closed while copying: nobody will score it now
-                    self._release(item)
-                    reason = "closed"
-                else:
-                    self._submitted += 1
-                    item.seq = self._submitted
-                    self._pending.append(item)
-                    if self._worker is None or not self._worker.is_alive():
-                        self._start_worker()
-                    elif self._worker_idle or self._pending_rows >= self.max_batch_rows:
-                        self._wakeup.notify_all()  # a lingering worker needs no wake-up per batch
+            reason = self._batcher.submit(x, inputs, ids, copy_inputs=copy_inputs)
             if reason is not None:
                 self._count_skipped(rows, reason)
         except Exception as err:
             self._record_error("submit", err)
-
-    def _refusal(self, rows: int, nbytes: int) -> str | None:
-        """Why a batch cannot be queued now (hold ``_wakeup``), or None."""
-        if self._closed:
-            return "closed"
-        if (
-            self._pending_rows + rows > self.max_pending
-            or self._pending_bytes + nbytes > self.max_pending_bytes
-        ):
-            return "backlog"
-        return None
-
-    def _release(self, item: _Pending) -> None:
-        """Give back the room a batch reserved (hold ``_wakeup``)."""
-        self._pending_rows -= item.rows
-        self._pending_bytes -= item.nbytes
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every batch submitted before this call has been scored.
@@ -365,23 +316,8 @@ class Monitor:
         thread (from ``on_flag`` or a sink), which cannot wait for itself. With
         ``strict=True``, re-raises the first error the background thread met.
         """
-        if threading.current_thread() is self._worker:
-            return False
-        deadline = None if timeout is None else time.monotonic() + timeout
-        done = True
-        with self._wakeup:
-            target = self._submitted
-            self._flush_target = max(self._flush_target, target)
-            self._wakeup.notify_all()
-            while self._done < target:
-                if self._worker is None or not self._worker.is_alive():
-                    self._start_worker()  # never wait on a thread that is gone
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    done = False
-                    break
-                self._wakeup.wait(remaining)
-        if self.strict and self._deferred_error is not None:
+        done = self._batcher.flush(timeout)
+        if self.strict and self._deferred_error is not None and not self._batcher.on_worker():
             err, self._deferred_error = self._deferred_error, None
             raise err
         return done
@@ -396,75 +332,25 @@ class Monitor:
         try:
             self.flush(timeout)
         finally:
-            with self._wakeup:
-                self._closed = True
-                self._wakeup.notify_all()
-            worker = self._worker
-            if worker is not None and worker is not threading.current_thread():
-                worker.join(timeout)
+            self._batcher.close(timeout)
             if self.queue is not None:
                 self._guard("queue.close", self.queue.close, timeout)
-            _live_monitors.discard(self)
+            forget(self)
 
-    def _start_worker(self) -> None:
-        """Start the background thread. It holds the monitor only weakly while idle, so an
-        unclosed, unreferenced monitor is collected and its thread ends."""
-        self._worker = threading.Thread(
-            target=_work, args=(weakref.ref(self),), name=f"oodmon-monitor-{self.name}",
-            daemon=True,
-        )  # fmt: skip
-        self._worker.start()
+    @property
+    def _closed(self) -> bool:
+        return self._batcher.closed
 
-    def _next_batch(self, idle_timeout: float) -> list[_Pending] | None:
-        """Wait for submissions and linger for more; None when idle for ``idle_timeout``."""
-        with self._wakeup:
-            if not self._pending and not self._closed:
-                self._worker_idle = True
-                self._wakeup.wait(idle_timeout)
-                self._worker_idle = False
-            if not self._pending:
-                return None
-            deadline = time.monotonic() + self.linger
-            while (
-                not self._closed
-                and self._flush_target <= self._done
-                and self._pending_rows < self.max_batch_rows
-                and (remaining := deadline - time.monotonic()) > 0
-            ):
-                self._wakeup.wait(remaining)
-            batch = list(self._pending)
-            self._pending.clear()
-            for item in batch:  # batches still being copied keep their reservation
-                self._release(item)
-            return batch
+    def _close_at_exit(self) -> None:
+        """Interpreter exit: score what is pending and flush the queue sink."""
+        self.close(timeout=10.0)
 
-    def _finish_batch(self, batch: list[_Pending]) -> None:
-        with self._wakeup:
-            self._done = max(self._done, batch[-1].seq)
-            self._wakeup.notify_all()
+    def _reset_after_fork(self) -> None:
+        """Start afresh in a forked child (gunicorn --preload).
 
-    def _process_pending(self, batch: list[_Pending]) -> None:
-        for item in batch:
-            _wait_for_copies(item)
-        # Coalesce compatible batches (same width, device, dtype) into one scoring call.
-        groups: dict[tuple[Any, ...], list[_Pending]] = {}
-        for item in batch:
-            x = item.outputs
-            key = (tuple(x.shape[1:]) if x.ndim == 2 else ("odd", id(item)), x.device, x.dtype)
-            groups.setdefault(key, []).append(item)
-        for items in groups.values():
-            _yield_gil()
-            try:
-                if len(items) == 1:
-                    self._process(items[0].outputs, items[0].inputs, items[0].ids)
-                    continue
-                sizes = [_row_count(it.outputs) for it in items]
-                outputs = torch.cat([it.outputs for it in items])
-                inputs = _concat_inputs([it.inputs for it in items], sizes)
-                ids = _concat_ids([it.ids for it in items], sizes)
-                self._process(outputs, inputs, ids)
-            except Exception as err:
-                self._record_error("background", err)
+        The parent's thread, locks and pending batches do not exist in the child.
+        """
+        self._reset_state()
 
     def _matched_extras(
         self, rows: int, inputs: Any, ids: Sequence[str] | None
@@ -478,7 +364,7 @@ class Monitor:
             )  # fmt: skip
             ids = None
         if inputs is not None:
-            count = _row_count(inputs) if isinstance(inputs, (Tensor, np.ndarray)) else None
+            count = row_count(inputs) if isinstance(inputs, (Tensor, np.ndarray)) else None
             if count is None and hasattr(inputs, "__len__"):
                 count = len(inputs)
             if count != rows:
@@ -506,16 +392,17 @@ class Monitor:
 
     def _process(self, x: Tensor, inputs: Any, ids: Sequence[str] | None) -> Verdict | None:
         start = time.perf_counter()
-        reason = self._shape_problem(x)
         verdict: Verdict | None = None
-        if reason is not None:
-            rows = int(x.shape[0]) if x.ndim >= 1 else 1
+        try:
+            verdict = self.detector.predict(x)  # checks the batch's shape and width, once
+        except OutputShapeError as err:
+            self._log_shape_problem(err.reason, x)
+            rows = row_count(x)
             host = HostVerdict.all_invalid(rows)
-            reasons = {reason: rows}
+            reasons = {err.reason: rows}
         else:
-            verdict = self.detector.predict(x)
             host = verdict.to_host()  # the one device-to-host copy of this batch
-            self._yield_if_background()
+            self._batcher.yield_if_worker()
             nonfinite = int(host.invalid.sum())
             reasons = {"nonfinite": nonfinite} if nonfinite else {}
         observation = Observation(
@@ -531,21 +418,13 @@ class Monitor:
         self._dispatch(observation)
         return verdict
 
-    def _yield_if_background(self) -> None:
-        if threading.current_thread() is self._worker:
-            _yield_gil()
-
-    def _shape_problem(self, x: Tensor) -> str | None:
-        if x.ndim != 2:
-            return "wrong_shape"
-        if x.shape[1] != self.detector.num_outputs:
+    def _log_shape_problem(self, reason: str, x: Tensor) -> None:
+        if reason == "wrong_width":
             self._log_once(
                 "wrong_width",
                 f"oodmon monitor {self.name!r}: model outputs have {x.shape[1]} columns but the "
                 f"detector expects {self.detector.num_outputs}; rows counted as invalid.",
             )
-            return "wrong_width"
-        return None
 
     def _update_stats(self, host: HostVerdict, reasons: dict[str, int]) -> None:
         valid = ~host.invalid
@@ -562,7 +441,7 @@ class Monitor:
         flagged = np.flatnonzero(observation.verdict.flag)
         if flagged.size == 0:
             return
-        self._yield_if_background()
+        self._batcher.yield_if_worker()
         subset = observation.take(flagged)
         if self.queue is not None:
             dropped = self._guard("queue.submit", self.queue.submit, subset)
@@ -600,19 +479,12 @@ class Monitor:
             with contextlib.suppress(Exception):  # a broken metrics sink must not recurse
                 self.metrics.record_error(self.name, self.version, kind)
         if self.strict:
-            if threading.current_thread() is self._worker:
+            if self._batcher.on_worker():
                 # the worker must live on; flush() and stats() re-raise it for the caller
                 if self._deferred_error is None:
                     self._deferred_error = err
             else:
                 raise err
-
-    def _log_once(self, key: str, message: str, exc_info: BaseException | None = None) -> None:
-        with self._lock:
-            if key in self._logged_kinds:
-                return
-            self._logged_kinds.add(key)
-        logger.warning(message, exc_info=exc_info)
 
     @staticmethod
     def _as_outputs(outputs: Any) -> Tensor:
@@ -652,119 +524,22 @@ class Monitor:
         return f"Monitor(name={self.name!r}, version={self.version!r}, detector={self.detector!r})"
 
 
-def _work(ref: weakref.ReferenceType[Monitor]) -> None:
-    """The background thread: score pending batches until the monitor closes or is collected."""
-    while True:
-        monitor = ref()
-        if monitor is None:
-            return
-        batch = monitor._next_batch(idle_timeout=1.0)
-        if batch is None:
-            if monitor._closed:
-                return
-            del monitor  # idle: let an unreferenced monitor be collected
-            continue
-        try:
-            monitor._process_pending(batch)
-        except Exception as err:  # _process guards itself; this is a last resort
-            monitor._record_error("background", err)
-        finally:
-            monitor._finish_batch(batch)
-        del monitor
+def _check_queue_sink(queue: object) -> None:
+    """Refuse what is not a queue sink, and say what to pass instead.
 
-
-def _yield_gil() -> None:
-    """Let a waiting inference thread take the GIL now. Without this, a thread that needs
-    the GIL while the worker runs Python waits for the interpreter's switch interval (5 ms),
-    which shows up directly in the model's p99 latency."""
-    time.sleep(0)
-
-
-def _row_count(x: Any) -> int:
-    return int(x.shape[0]) if x.ndim >= 1 else 1
-
-
-def _nbytes(inputs: Any) -> int:
-    if isinstance(inputs, Tensor):
-        return inputs.element_size() * inputs.nelement()
-    if isinstance(inputs, np.ndarray):
-        return int(inputs.nbytes)
-    return 0
-
-
-def _copies_done_event(x: Tensor) -> Any:
-    """On CUDA, an event after the caller's copies: the worker scores on another stream and
-    must not read the copies before the caller's stream has written them."""
-    if x.device.type != "cuda":
-        return None
-    event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(x.device))
-    return event
-
-
-def _wait_for_copies(item: _Pending) -> None:
-    if item.ready is None:
+    Duck-typed (a sink has ``submit``), so that the Monitor does not import the label queue.
+    """
+    if queue is None or callable(getattr(queue, "submit", None)):
         return
-    stream = torch.cuda.current_stream(item.outputs.device)
-    stream.wait_event(item.ready)
-    # tell the caching allocator these tensors are now also used on the worker's stream
-    item.outputs.record_stream(stream)
-    if isinstance(item.inputs, Tensor) and item.inputs.device.type == "cuda":
-        item.inputs.record_stream(stream)
-
-
-def _concat_inputs(chunks: list[Any], sizes: list[int]) -> Any:
-    if all(c is None for c in chunks):
-        return None
-    if all(isinstance(c, Tensor) for c in chunks):
-        shapes = {tuple(c.shape[1:]) for c in chunks}
-        devices = {c.device for c in chunks}
-        if len(shapes) == 1 and len(devices) == 1:
-            return torch.cat(chunks)
-    rows: list[Any] = []
-    for chunk, size in zip(chunks, sizes, strict=True):
-        if chunk is None:
-            rows.extend([None] * size)
-        else:
-            rows.extend(chunk[i] for i in range(size))
-    return rows
-
-
-def _concat_ids(chunks: list[Sequence[str] | None], sizes: list[int]) -> list[Any] | None:
-    if all(c is None for c in chunks):
-        return None
-    ids: list[Any] = []
-    for chunk, size in zip(chunks, sizes, strict=True):
-        ids.extend([None] * size if chunk is None else list(chunk))
-    return ids
-
-
-_live_monitors: weakref.WeakSet[Monitor] = weakref.WeakSet()
-_exit_hook_registered = False
-
-
-def _register_exit_hook() -> None:
-    """Register the exit flush on first use: atexit runs hooks last-in first-out, so monitors
-    (built after their queue sinks) are flushed before the sinks' own exit hooks run."""
-    global _exit_hook_registered
-    if not _exit_hook_registered:
-        atexit.register(_close_live_monitors)
-        _exit_hook_registered = True
-
-
-def _close_live_monitors() -> None:
-    """Interpreter exit: score what is pending and flush the queue sinks."""
-    for monitor in list(_live_monitors):
-        with contextlib.suppress(Exception):
-            monitor.close(timeout=10.0)
-
-
-def _reset_after_fork() -> None:
-    """In a forked child (gunicorn --preload): the parent's thread, locks and pending batches
-    do not exist here, so every live monitor starts afresh."""
-    for monitor in list(_live_monitors):
-        monitor._reset_state()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_after_fork)
+    if isinstance(queue, (str, os.PathLike)):
+        raise ValueError(
+            f"Expected `queue` to be a queue sink (an object with `submit`), but got the "
+            f"location {os.fspath(queue)!r}; pass `oodmon.QueueWriter({os.fspath(queue)!r})`, "
+            "which writes flagged rows to it in the background."
+        )
+    kind = type(queue).__name__
+    raise ValueError(
+        f"Expected `queue` to be a queue sink (an object with `submit`), but got a {kind}; "
+        f"pass `oodmon.QueueWriter(<the {kind}'s path or URL>)`, which writes flagged rows "
+        "in the background (a LabelQueue is for reading and labelling the queue)."
+    )

@@ -28,6 +28,15 @@ from torch import Tensor
 
 from oodmon.errors import FormatVersionError
 
+__all__ = [
+    "DEFAULT_FLOOR",
+    "LOSSES",
+    "OCS",
+    "OCS_FORMAT_VERSION",
+    "LossName",
+    "reward_targets",
+]
+
 LossName = Literal[
     "cross_entropy", "binary_cross_entropy", "mse", "gaussian_nll", "reward_prediction", "custom"
 ]
@@ -150,6 +159,7 @@ class OCS:
 
         Args:
             targets: ``[N, L]`` targets in ``[0, 1]`` (hard 0/1 labels or soft targets).
+            floor: smallest rate kept, so that no label's rate is exactly 0 or 1.
 
         Raises:
             ValueError: empty, non-finite or out-of-range targets.
@@ -359,10 +369,12 @@ class OCS:
         )
 
     def to_json(self) -> str:
+        """:meth:`to_dict` as a JSON string."""
         return json.dumps(self.to_dict())
 
     @classmethod
     def from_json(cls, text: str) -> OCS:
+        """Inverse of :meth:`to_json`."""
         return cls.from_dict(json.loads(text))
 
     def __eq__(self, other: object) -> bool:

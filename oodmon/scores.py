@@ -13,15 +13,36 @@ float32. Nothing here synchronises with the device or loops over samples in Pyth
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from oodmon.errors import OutputShapeError
 from oodmon.ocs import LOSSES, OCS
+
+__all__ = [
+    "INPUT_KINDS",
+    "SCORES",
+    "InputKind",
+    "ScoreSpec",
+    "as_batch",
+    "batch_distance",
+    "check_score",
+    "compute_score",
+    "default_score",
+    "distance",
+    "energy",
+    "entropy",
+    "kl_to_ocs",
+    "max_logit",
+    "msp",
+    "reverse_kl_to_ocs",
+]
 
 InputKind = Literal["logits", "probs", "log_probs"]
 INPUT_KINDS: tuple[str, ...] = ("logits", "probs", "log_probs")
@@ -30,14 +51,39 @@ INPUT_KINDS: tuple[str, ...] = ("logits", "probs", "log_probs")
 # ---------------------------------------------------------------------- input handling
 
 
-def _as_batch(outputs: Tensor) -> Tensor:
-    """``[N, K]`` floating tensor, upcast from half precision (no copy otherwise)."""
+def as_batch(outputs: Any, num_outputs: int | None = None) -> Tensor:
+    """The one shape and dtype check: ``[N, K]`` floating tensor, upcast from half precision.
+
+    Every public score and :meth:`Detector.predict <oodmon.detector.Detector.predict>` call
+    this once at their boundary; the registered kernels assume its result.
+
+    Args:
+        outputs: ``[N, K]`` or ``[K]`` tensor, array or nested list.
+        num_outputs: the width ``K`` required, or None for any.
+
+    Returns:
+        A detached floating tensor (no copy unless it had to be converted or upcast).
+
+    Raises:
+        OutputShapeError: not two-dimensional (``reason="wrong_shape"``) or not ``K`` columns
+            wide (``reason="wrong_width"``).
+    """
     if not isinstance(outputs, Tensor):
-        outputs = torch.as_tensor(outputs)
+        outputs = torch.as_tensor(np.asarray(outputs))
     if outputs.ndim == 1:
         outputs = outputs.unsqueeze(0)
     if outputs.ndim != 2:
-        raise ValueError(f"Expected outputs of shape [N, K], but got shape {tuple(outputs.shape)}.")
+        k = "K" if num_outputs is None else num_outputs
+        raise OutputShapeError(
+            f"Expected outputs of shape [N, {k}], but got shape {tuple(outputs.shape)}.",
+            reason="wrong_shape",
+        )
+    if num_outputs is not None and outputs.shape[1] != num_outputs:
+        raise OutputShapeError(
+            f"Expected outputs with {num_outputs} columns (the OCS has {num_outputs} "
+            f"outputs), but got {outputs.shape[1]}.",
+            reason="wrong_width",
+        )
     if not outputs.is_floating_point() or outputs.dtype in (torch.float16, torch.bfloat16):
         outputs = outputs.to(torch.float32)
     return outputs.detach()
@@ -58,8 +104,11 @@ def _log_probs(x: Tensor, kind: str) -> Tensor:
 
 
 def _zero_log0(log_p: Tensor, kind: str) -> Tensor:
-    """Make ``p * log p`` vanish where ``p = 0`` (only probability inputs can hold exact zeros;
-    log_softmax of finite logits is always finite, so logits skip this pass)."""
+    """Make ``p * log p`` vanish where ``p = 0``.
+
+    Only probability inputs can hold exact zeros; log_softmax of finite logits is always
+    finite, so logits skip this pass.
+    """
     if kind == "logits":
         return log_p
     return torch.where(torch.isneginf(log_p), torch.zeros_like(log_p), log_p)
@@ -79,12 +128,6 @@ def _invalidate(score: Tensor, x: Tensor, kind: str = "logits") -> Tensor:
     return score.add(x.sum(dim=-1), alpha=0)
 
 
-def _check_width(x: Tensor, ocs: OCS) -> None:
-    if x.shape[-1] != ocs.num_outputs:
-        raise ValueError(
-            f"Expected outputs with {ocs.num_outputs} columns (the OCS has "
-            f"{ocs.num_outputs} outputs), but got {x.shape[-1]}."
-        )
 
 
 # ---------------------------------------------------------------------- baselines
@@ -95,12 +138,16 @@ def msp(outputs: Tensor, kind: InputKind = "logits") -> Tensor:
 
     Args:
         outputs: ``[N, K]`` logits (or probabilities / log-probabilities per ``kind``).
+        kind: what ``outputs`` hold: ``"logits"``, ``"probs"`` or ``"log_probs"``.
 
     Returns:
         ``[N]`` score in ``[-1, -1/K]``; higher = more OOD.
     """
     _check_kind(kind)
-    x = _as_batch(outputs)
+    return _msp(as_batch(outputs), kind)
+
+
+def _msp(x: Tensor, kind: str) -> Tensor:
     top = x.amax(dim=-1) if kind == "probs" else _log_probs(x, kind).amax(dim=-1).exp()
     return _invalidate(-top, x, kind)
 
@@ -111,7 +158,10 @@ def max_logit(outputs: Tensor) -> Tensor:
     Returns:
         ``[N]`` score; higher = more OOD.
     """
-    x = _as_batch(outputs)
+    return _max_logit(as_batch(outputs))
+
+
+def _max_logit(x: Tensor) -> Tensor:
     return _invalidate(-x.amax(dim=-1), x)
 
 
@@ -123,7 +173,10 @@ def energy(outputs: Tensor, temperature: float = 1.0) -> Tensor:
     """
     if not temperature > 0:
         raise ValueError(f"Expected `temperature` > 0, but got {temperature!r}.")
-    x = _as_batch(outputs)
+    return _energy(as_batch(outputs), temperature)
+
+
+def _energy(x: Tensor, temperature: float) -> Tensor:
     scaled = x if temperature == 1.0 else x / temperature
     return _invalidate(-temperature * torch.logsumexp(scaled, dim=-1), x)
 
@@ -135,7 +188,10 @@ def entropy(outputs: Tensor, kind: InputKind = "logits") -> Tensor:
         ``[N]`` score in ``[0, log K]``; higher = more OOD.
     """
     _check_kind(kind)
-    x = _as_batch(outputs)
+    return _entropy(as_batch(outputs), kind)
+
+
+def _entropy(x: Tensor, kind: str) -> Tensor:
     log_p = _log_probs(x, kind)
     p = x if kind == "probs" else log_p.exp()
     h = -torch.linalg.vecdot(p, _zero_log0(log_p, kind))
@@ -153,14 +209,17 @@ def kl_to_ocs(outputs: Tensor, ocs: OCS, kind: InputKind = "logits") -> Tensor:
     Args:
         outputs: ``[N, K]`` logits (or probabilities / log-probabilities per ``kind``).
         ocs: a cross-entropy OCS.
+        kind: what ``outputs`` hold: ``"logits"``, ``"probs"`` or ``"log_probs"``.
 
     Returns:
         ``[N]`` non-negative distances; 0 exactly at the OCS.
     """
     _check_kind(kind)
     _require_loss(ocs, ("cross_entropy",), "kl_to_ocs")
-    x = _as_batch(outputs)
-    _check_width(x, ocs)
+    return _kl_to_ocs(as_batch(outputs, ocs.num_outputs), ocs, kind)
+
+
+def _kl_to_ocs(x: Tensor, ocs: OCS, kind: str) -> Tensor:
     log_p = _log_probs(x, kind)
     p = x if kind == "probs" else log_p.exp()
     log_pi = ocs.constant_on("log_target", x.device, x.dtype)
@@ -176,8 +235,10 @@ def reverse_kl_to_ocs(outputs: Tensor, ocs: OCS, kind: InputKind = "logits") -> 
     """
     _check_kind(kind)
     _require_loss(ocs, ("cross_entropy",), "reverse_kl_to_ocs")
-    x = _as_batch(outputs)
-    _check_width(x, ocs)
+    return _reverse_kl_to_ocs(as_batch(outputs, ocs.num_outputs), ocs, kind)
+
+
+def _reverse_kl_to_ocs(x: Tensor, ocs: OCS, kind: str) -> Tensor:
     pi = ocs.constant_on("target", x.device, x.dtype)
     neg_entropy_pi = (pi * ocs.constant_on("log_target", x.device, x.dtype)).sum()
     if kind == "logits":
@@ -187,16 +248,12 @@ def reverse_kl_to_ocs(outputs: Tensor, ocs: OCS, kind: InputKind = "logits") -> 
     return _invalidate(kl.clamp_min(0.0), x, kind)
 
 
-def bernoulli_kl_to_ocs(outputs: Tensor, ocs: OCS, kind: InputKind = "logits") -> Tensor:
+def _bernoulli_kl_to_ocs(x: Tensor, ocs: OCS, kind: str) -> Tensor:
     """Per-label Bernoulli KL to the positive rates, summed over labels (multi-label heads).
 
     ``sum_l q_l log(q_l / r_l) + (1 - q_l) log((1 - q_l) / (1 - r_l))`` with ``q = sigmoid(z)``.
     ``kind="probs"`` takes per-label probabilities; ``"log_probs"`` is not defined here.
     """
-    _check_kind(kind, ("logits", "probs"))
-    _require_loss(ocs, ("binary_cross_entropy",), "bernoulli_kl_to_ocs")
-    x = _as_batch(outputs)
-    _check_width(x, ocs)
     rate = ocs.constant_on("target", x.device, x.dtype)
     if kind == "logits":
         log_q, log_not_q = F.logsigmoid(x), F.logsigmoid(-x)
@@ -212,24 +269,18 @@ def bernoulli_kl_to_ocs(outputs: Tensor, ocs: OCS, kind: InputKind = "logits") -
     return _invalidate(kl.sum(dim=-1).clamp_min(0.0), x)
 
 
-def mse_to_ocs(outputs: Tensor, ocs: OCS) -> Tensor:
+def _mse_to_ocs(x: Tensor, ocs: OCS) -> Tensor:
     """Mean squared difference to the OCS over all outputs (MSE, reward and custom heads)."""
-    _require_loss(ocs, ("mse", "reward_prediction", "custom"), "mse_to_ocs")
-    x = _as_batch(outputs)
-    _check_width(x, ocs)
     target = ocs.constant_on("target", x.device, x.dtype)
     return _invalidate((x - target).square().mean(dim=-1), x)
 
 
-def gaussian_kl_to_ocs(outputs: Tensor, ocs: OCS) -> Tensor:
+def _gaussian_kl_to_ocs(x: Tensor, ocs: OCS) -> Tensor:
     """``KL(N(mu(x), s2(x)) || N(ybar, v))`` summed over the D targets (Gaussian NLL heads).
 
     The outputs are ``[mean_1..mean_D, var_1..var_D]``; a non-positive variance makes the row
     NaN (invalid).
     """
-    _require_loss(ocs, ("gaussian_nll",), "gaussian_kl_to_ocs")
-    x = _as_batch(outputs)
-    _check_width(x, ocs)
     assert ocs.variance is not None  # a gaussian_nll OCS always has one
     d = x.shape[-1] // 2
     mu, s2 = x[:, :d], x[:, d:]
@@ -270,11 +321,21 @@ def distance(
         )
     if ocs.loss == "cross_entropy":
         return reverse_kl_to_ocs(outputs, ocs, kind) if reverse else kl_to_ocs(outputs, ocs, kind)
+    if not isinstance(ocs, OCS):
+        raise ValueError(f"Expected `ocs` to be an oodmon.OCS, but got {type(ocs).__name__}.")
+    _check_kind(kind, ("logits", "probs") if ocs.loss == "binary_cross_entropy" else INPUT_KINDS)
+    return batch_distance(as_batch(outputs, ocs.num_outputs), ocs, kind)
+
+
+def batch_distance(x: Tensor, ocs: OCS, kind: str) -> Tensor:
+    """:func:`distance` of a batch that passed :func:`as_batch` (checks nothing again)."""
+    if ocs.loss == "cross_entropy":
+        return _kl_to_ocs(x, ocs, kind)
     if ocs.loss == "binary_cross_entropy":
-        return bernoulli_kl_to_ocs(outputs, ocs, kind)
+        return _bernoulli_kl_to_ocs(x, ocs, kind)
     if ocs.loss == "gaussian_nll":
-        return gaussian_kl_to_ocs(outputs, ocs)
-    return mse_to_ocs(outputs, ocs)
+        return _gaussian_kl_to_ocs(x, ocs)
+    return _mse_to_ocs(x, ocs)
 
 
 def _require_loss(ocs: OCS, losses: tuple[str, ...], name: str) -> None:
@@ -296,10 +357,15 @@ class ScoreSpec:
 
     Attributes:
         name: registry key, used in Detector JSON and metric labels.
-        compute: ``(outputs, ocs, kind, temperature) -> [N]``, higher = more OOD.
+        compute: ``(outputs, ocs, kind, temperature) -> [N]``, higher = more OOD, for outputs
+            that passed :func:`as_batch` (the kernel checks nothing itself).
         losses: OCS losses it applies to.
         kinds: input kinds it accepts.
         summary: one line for ``--help`` and docs.
+        negated_distance: the score is exactly ``-distance(outputs, ocs, kind)``, so a verdict's
+            distance is ``-score`` and one sort of either serves both.
+        kinds_by_loss: narrower input kinds for some losses (raw regression outputs have no
+            probabilities), or None when ``kinds`` holds for every loss.
     """
 
     name: str
@@ -307,67 +373,75 @@ class ScoreSpec:
     losses: tuple[str, ...]
     kinds: tuple[str, ...]
     summary: str
+    negated_distance: bool = False
+    kinds_by_loss: Mapping[str, tuple[str, ...]] | None = None
+
+    def kinds_for(self, loss: str) -> tuple[str, ...]:
+        """The input kinds this score accepts for an OCS of ``loss``."""
+        if self.kinds_by_loss is not None and loss in self.kinds_by_loss:
+            return self.kinds_by_loss[loss]
+        return self.kinds
 
 
 _CLASSIFIER_LOSSES = ("cross_entropy",)
-#: What the OCS distance of each loss can take: raw regression outputs have no probabilities.
-_DISTANCE_KINDS: dict[str, tuple[str, ...]] = {
-    "cross_entropy": INPUT_KINDS,
-    "binary_cross_entropy": ("logits", "probs"),
-    "mse": ("logits",),
-    "gaussian_nll": ("logits",),
-    "reward_prediction": ("logits",),
-    "custom": ("logits",),
-}
 
 SCORES: dict[str, ScoreSpec] = {
     spec.name: spec
     for spec in (
         ScoreSpec(
             "ocs_distance",
-            lambda x, ocs, kind, t: -distance(x, ocs, kind),  # type: ignore[arg-type]
+            lambda x, ocs, kind, t: -batch_distance(x, ocs, kind),
             LOSSES,
             INPUT_KINDS,
             "negated distance to the OCS for the OCS's loss (the paper's measure)",
+            negated_distance=True,
+            kinds_by_loss={
+                "binary_cross_entropy": ("logits", "probs"),
+                "mse": ("logits",),
+                "gaussian_nll": ("logits",),
+                "reward_prediction": ("logits",),
+                "custom": ("logits",),
+            },
         ),
         ScoreSpec(
             "ocs_kl",
-            lambda x, ocs, kind, t: -kl_to_ocs(x, ocs, kind),  # type: ignore[arg-type]
+            lambda x, ocs, kind, t: -_kl_to_ocs(x, ocs, kind),
             _CLASSIFIER_LOSSES,
             INPUT_KINDS,
             "negated KL(p(x) || pi) to the training label marginal",
+            negated_distance=True,
         ),
         ScoreSpec(
             "ocs_kl_reverse",
-            lambda x, ocs, kind, t: -reverse_kl_to_ocs(x, ocs, kind),  # type: ignore[arg-type]
+            lambda x, ocs, kind, t: -_reverse_kl_to_ocs(x, ocs, kind),
             _CLASSIFIER_LOSSES,
             INPUT_KINDS,
             "negated KL(pi || p(x))",
         ),
         ScoreSpec(
             "msp",
-            lambda x, ocs, kind, t: msp(x, kind),  # type: ignore[arg-type]
+            lambda x, ocs, kind, t: _msp(x, kind),
             _CLASSIFIER_LOSSES,
             INPUT_KINDS,
             "negated maximum softmax probability",
         ),
         ScoreSpec(
             "entropy",
-            lambda x, ocs, kind, t: entropy(x, kind),  # type: ignore[arg-type]
+            lambda x, ocs, kind, t: _entropy(x, kind),
             _CLASSIFIER_LOSSES,
             INPUT_KINDS,
             "entropy of the predicted distribution",
         ),
         ScoreSpec(
             "energy",
-            lambda x, ocs, kind, t: energy(x, t),
+            lambda x, ocs, kind, t: _energy(x, t),
             _CLASSIFIER_LOSSES,
             ("logits",),
             "negated temperature-scaled logsumexp of the logits",
         ),
         ScoreSpec(
             "max_logit",
-            lambda x, ocs, kind, t: max_logit(x),
+            lambda x, ocs, kind, t: _max_logit(x),
             _CLASSIFIER_LOSSES,
             ("logits",),
             "negated maximum logit",
@@ -390,10 +464,10 @@ def check_score(name: str, ocs: OCS, kind: str) -> ScoreSpec:
     spec = SCORES.get(name)
     if spec is None:
         raise ValueError(f"Expected `score` to be one of {sorted(SCORES)}, but got {name!r}.")
-    if name == "ocs_distance" and kind not in _DISTANCE_KINDS[ocs.loss]:
+    if spec.kinds_by_loss is not None and kind not in spec.kinds_for(ocs.loss):
         raise ValueError(
             f"The distance for {ocs.loss!r} heads needs outputs of kind "
-            f"{_DISTANCE_KINDS[ocs.loss]}, but got kind={kind!r}."
+            f"{spec.kinds_for(ocs.loss)}, but got kind={kind!r}."
         )
     if ocs.loss not in spec.losses:
         raise ValueError(
@@ -416,4 +490,4 @@ def compute_score(
 ) -> Tensor:
     """Compute the registered score ``name`` (higher = more OOD) for a batch of outputs."""
     spec = check_score(name, ocs, kind)
-    return spec.compute(outputs, ocs, kind, temperature)
+    return spec.compute(as_batch(outputs, ocs.num_outputs), ocs, kind, temperature)

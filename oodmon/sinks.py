@@ -17,6 +17,14 @@ import numpy as np
 
 from oodmon.verdict import Observation
 
+__all__ = [
+    "DetectorSummary",
+    "InMemoryMetrics",
+    "InMemoryQueue",
+    "MetricsSink",
+    "QueueSink",
+]
+
 
 @dataclass(frozen=True)
 class DetectorSummary:
@@ -34,8 +42,6 @@ class DetectorSummary:
     #: The sorted calibration scores (a read-only tensor), for sinks that count p-values
     #: from scores (:func:`oodmon.conformal.score_cutoffs`); not a label.
     calibration_scores: Any = field(default=None, compare=False, repr=False)
-    #: True when ``distance == -score`` exactly (the OCS scores), so one sort serves both.
-    distance_is_negated_score: bool = False
 
 
 @runtime_checkable
@@ -58,6 +64,8 @@ class MetricsSink(Protocol):
         """Called after flagged rows were handed to the queue sink.
 
         Args:
+            model: the monitor's model name.
+            version: the monitor's model version.
             depth: items waiting in the label queue as last seen, or None if unknown.
             dropped: rows dropped by this hand-over (buffer full), to add to a counter.
         """
@@ -97,9 +105,11 @@ class InMemoryMetrics:
         self.queue_dropped = 0
 
     def describe(self, summary: DetectorSummary) -> None:
+        """Keep the summary."""
         self.summary = summary
 
     def record(self, observation: Observation) -> None:
+        """Add the batch to the totals."""
         with self._lock:
             self.batches += 1
             self.seen += len(observation)
@@ -108,14 +118,17 @@ class InMemoryMetrics:
                 self.invalid[reason] = self.invalid.get(reason, 0) + count
 
     def record_error(self, model: str, version: str, kind: str) -> None:
+        """Count one failure of ``kind``."""
         with self._lock:
             self.errors[kind] = self.errors.get(kind, 0) + 1
 
     def record_skipped(self, model: str, version: str, rows: int) -> None:
+        """Count skipped rows."""
         with self._lock:
             self.skipped += rows
 
     def record_queue(self, model: str, version: str, depth: int | None, dropped: int) -> None:
+        """Keep the depth and count the dropped rows."""
         with self._lock:
             self.queue_depth = depth
             self.queue_dropped += dropped
@@ -133,6 +146,7 @@ class InMemoryQueue:
         self.closed = False
 
     def submit(self, observation: Observation) -> int:
+        """Keep the rows that fit; returns how many were dropped."""
         with self._lock:
             n = len(observation)
             room = max(self.capacity - self.rows, 0)
@@ -146,7 +160,9 @@ class InMemoryQueue:
             return n - len(observation)
 
     def depth(self) -> int | None:
+        """Rows kept."""
         return self.rows
 
     def close(self, timeout: float | None = None) -> None:
+        """Mark the sink closed."""
         self.closed = True

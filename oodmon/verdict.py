@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+__all__ = ["INVALID_REASONS", "HostVerdict", "Observation", "Verdict"]
+
 #: Reasons a row can be invalid. The set is closed so that metric labels stay bounded.
 INVALID_REASONS = ("nonfinite", "wrong_width", "wrong_shape")
 

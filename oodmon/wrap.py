@@ -27,6 +27,8 @@ from torch import Tensor, nn
 
 from oodmon.monitor import Monitor
 
+__all__ = ["MonitoredModel", "OutputSelector", "select_output", "wrap"]
+
 OutputSelector = int | str | Callable[[Any], Tensor] | None
 
 _SHARED_TABLES = (
@@ -71,6 +73,7 @@ class MonitoredModel(nn.Module):
         self._copy_inputs = copy_inputs
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the model and report its outputs; returns exactly what the model returned."""
         result = self.model(*args, **kwargs)
         if self.model.training and not self._monitor_training:
             self.monitor._log_once(
@@ -98,6 +101,7 @@ class MonitoredModel(nn.Module):
             self.monitor._record_error("wrap", err)
 
     def train(self, mode: bool = True) -> MonitoredModel:
+        """Set the model's mode (and this wrapper's); monitoring follows the model's mode."""
         self.model.train(mode)
         self.training = mode
         return self
@@ -141,6 +145,7 @@ class MonitoredModel(nn.Module):
             return getattr(self.__dict__["model"], name)
 
     def extra_repr(self) -> str:
+        """Name the monitor in the module's repr."""
         return f"monitor={self.monitor!r}"
 
 
@@ -179,7 +184,7 @@ def select_output(result: Any, output: OutputSelector = None) -> Tensor:
     return getattr(result, output)
 
 
-def known_output_width(model: nn.Module) -> int | None:
+def _known_output_width(model: nn.Module) -> int | None:
     """The output width of a model whose last registered layer is a Linear, else None."""
     leaves = [m for m in model.modules() if not list(m.children())]
     if leaves and isinstance(leaves[-1], nn.Linear):
@@ -223,7 +228,7 @@ def wrap(
             f"Expected `monitor` to be an oodmon.Monitor, but got {type(monitor).__name__}."
         )
     if check_width and output is None:
-        width = known_output_width(model)
+        width = _known_output_width(model)
         expected = monitor.detector.num_outputs
         if width is not None and width != expected:
             raise ValueError(

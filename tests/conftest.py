@@ -15,6 +15,29 @@ from oodmon import OCS, Detector
 NUM_CLASSES = 10
 
 
+# ---- shared toy models and detectors (used by several test files) -------------------------
+
+
+def toy_classifier(
+    seed: int = 0, alpha: float = 0.05, calibration_rows: int = 2000
+) -> tuple[torch.nn.Linear, Detector]:
+    """A linear 10-class model whose output at x = 0 is exactly the OCS, and its detector."""
+    gen = torch.Generator().manual_seed(seed)
+    ocs = OCS.cross_entropy(counts=[50, 30, 20, 10, 10, 5, 5, 5, 3, 2])
+    model = torch.nn.Linear(8, 10)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(10, 8, generator=gen))
+        model.bias.copy_(ocs.log_target.to(torch.float32))
+        calibration = model(2.0 * torch.randn(calibration_rows, 8, generator=gen))
+        detector = Detector(ocs, alpha=alpha).fit(calibration)
+    return model.eval(), detector
+
+
+def near_ocs(detector: Detector, n: int) -> torch.Tensor:
+    """``n`` outputs exactly at the detector's OCS: the most OOD rows there are."""
+    return detector.ocs.log_target.float().expand(n, detector.num_outputs).clone()
+
+
 def id_logits(n: int, seed: int) -> torch.Tensor:
     """Logits that look like a trained classifier's on in-distribution data."""
     gen = torch.Generator().manual_seed(seed)
@@ -31,6 +54,9 @@ def ocs() -> OCS:
 @pytest.fixture(scope="session")
 def detector(ocs: OCS) -> Detector:
     return Detector(ocs, alpha=0.05).fit(id_logits(999, seed=0))
+
+
+# ---- end of shared toys ---------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from oodmon import mnist
+from oodmon.demo import mnist
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 pytestmark = pytest.mark.slow

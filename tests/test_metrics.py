@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import toy_classifier
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -50,18 +51,6 @@ EXAMPLE_CONF = REPO / "grafana" / "examples" / "gunicorn.conf.py"
 LABELS = {"model": "clf", "model_version": "v1"}
 
 # ---------------------------------------------------------------------- helpers
-
-
-def toy_classifier(seed: int = 0) -> tuple[torch.nn.Linear, Detector]:
-    """A linear 10-class model whose output at x = 0 is exactly the OCS, and its detector."""
-    gen = torch.Generator().manual_seed(seed)
-    ocs = OCS.cross_entropy(counts=[50, 30, 20, 10, 10, 5, 5, 5, 3, 2])
-    model = torch.nn.Linear(8, 10)
-    with torch.no_grad():
-        model.weight.copy_(torch.randn(10, 8, generator=gen))
-        model.bias.copy_(ocs.log_target.to(torch.float32))
-        detector = Detector(ocs, alpha=0.05).fit(model(2.0 * torch.randn(2000, 8, generator=gen)))
-    return model.eval(), detector
 
 
 def summary(**changes: Any) -> DetectorSummary:

@@ -1,4 +1,4 @@
-"""oodmon.mnist: real digits, rotations, splits, the small CNN and its training loop."""
+"""oodmon.demo.mnist: real digits, rotations, splits, the small CNN and its training loop."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from oodmon import mnist
+from oodmon.demo import mnist
 
 # --------------------------------------------------------------------------- data
 

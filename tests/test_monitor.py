@@ -5,21 +5,18 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import NUM_CLASSES, id_logits
+from conftest import NUM_CLASSES, id_logits, near_ocs
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from oodmon import Detector, Observation
 from oodmon.monitor import Monitor, _FlagWindow
 from oodmon.sinks import InMemoryMetrics, InMemoryQueue, MetricsSink, QueueSink
-
-
-def near_ocs(detector: Detector, n: int) -> torch.Tensor:
-    return detector.ocs.log_target.float().expand(n, NUM_CLASSES).clone()
 
 
 def test_observe_counts_and_feeds_sinks(detector: Detector) -> None:
@@ -247,7 +244,7 @@ def test_unclosed_unreferenced_monitors_are_collected(detector: Detector) -> Non
     monitor = Monitor(detector, "m", "1", linger=0.0)
     monitor.submit(id_logits(2, seed=3))
     monitor.flush(timeout=30)
-    worker = monitor._worker
+    worker = monitor._batcher.worker
     ref = weakref.ref(monitor)
     del monitor
     deadline = time.monotonic() + 10
@@ -300,3 +297,18 @@ def test_submit_copies_inputs_so_a_reused_buffer_queues_what_was_seen(detector: 
         no_copy.submit(near_ocs(detector, 2), inputs=buffer, copy_inputs=False)
     no_copy.flush()
     assert torch.cat([obs.inputs for obs in shared.observations])[:, 0].tolist() == [1, 1, 1, 1]
+
+
+def test_queue_must_be_a_sink_and_the_error_says_what_to_pass(
+    detector: Detector, tmp_path: Path
+) -> None:
+    from oodmon import LabelQueue, QueueWriter
+
+    location = tmp_path / "queue.sqlite"
+    for location_given in (str(location), location):
+        with pytest.raises(ValueError, match=r"oodmon\.QueueWriter\(.*queue\.sqlite"):
+            Monitor(detector, "m", "1", queue=location_given)  # type: ignore[arg-type]
+    with LabelQueue(location) as store, pytest.raises(ValueError, match=r"QueueWriter\("):
+        Monitor(detector, "m", "1", queue=store)  # type: ignore[arg-type]
+    with QueueWriter(location) as writer:  # the sink it asks for is accepted
+        Monitor(detector, "m", "1", queue=writer).close()

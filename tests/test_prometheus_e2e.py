@@ -17,10 +17,10 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import toy_classifier
 from prometheus_client import CollectorRegistry
 from prometheus_server import PrometheusServer, http_get, prometheus_server, run_promtool
 
-from oodmon import OCS, Detector
 from oodmon.metrics import METRIC_NAMES, PrometheusMetrics, serve
 from oodmon.monitor import Monitor
 from oodmon.sinks import InMemoryQueue
@@ -35,18 +35,6 @@ PHASE_SECONDS = 6.0  # longer than the rate window, so each phase has a window o
 BATCH, PERIOD = 32, 0.05  # rows per forward pass, seconds between passes
 
 pytestmark = pytest.mark.slow
-
-
-def toy_classifier() -> tuple[torch.nn.Linear, Detector]:
-    """A linear 10-class model whose output at x = 0 is exactly the OCS, and its detector."""
-    gen = torch.Generator().manual_seed(0)
-    ocs = OCS.cross_entropy(counts=[50, 30, 20, 10, 10, 5, 5, 5, 3, 2])
-    model = torch.nn.Linear(8, 10)
-    with torch.no_grad():
-        model.weight.copy_(torch.randn(10, 8, generator=gen))
-        model.bias.copy_(ocs.log_target.to(torch.float32))
-        detector = Detector(ocs, alpha=ALPHA).fit(model(2.0 * torch.randn(4000, 8, generator=gen)))
-    return model.eval(), detector
 
 
 def substitute(expr: str, rate_window: str = RATE_WINDOW) -> str:
@@ -93,7 +81,7 @@ class Traffic:
 @pytest.fixture(scope="module")
 def live() -> Iterator[dict[str, Any]]:
     """Exporter + Prometheus + traffic: an in-distribution phase, then an OOD phase."""
-    model, detector = toy_classifier()
+    model, detector = toy_classifier(alpha=ALPHA, calibration_rows=4000)
     registry = CollectorRegistry()
     callbacks: list[int] = []
 

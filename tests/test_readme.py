@@ -37,6 +37,8 @@ def test_wrapping_example_runs(tmp_path: Path) -> None:
     code = re.search(r"```python\n(.*?)\n```", section, re.S)
     assert code is not None
     source = code.group(1)
+    imports = [line for line in source.splitlines() if re.match(r"(from|import) ", line)]
+    assert imports == ["import oodmon"], "the example must need `import oodmon` alone"
     source = source.replace("port=9464", "port=0").replace(
         '"flagged.sqlite"', repr(str(tmp_path / "flagged.sqlite"))
     )
@@ -64,3 +66,12 @@ def test_wrapping_example_runs(tmp_path: Path) -> None:
             collector = REGISTRY._names_to_collectors.get(name)
             if collector is not None:
                 REGISTRY.unregister(collector)
+
+
+def test_changelog_lists_every_metric_name() -> None:
+    from oodmon.metrics import METRIC_NAMES
+
+    changelog = (ROOT / "CHANGELOG.md").read_text()
+    unreleased = changelog.split("## Unreleased", 1)[1].split("\n## ", 1)[0]
+    missing = [name for name in METRIC_NAMES if f"`{name}`" not in unreleased]
+    assert not missing, f"CHANGELOG.md's Unreleased section does not list {missing}"

@@ -147,6 +147,30 @@ def test_every_registered_score_is_covered_by_the_contract() -> None:
     assert covered == set(SCORES)
 
 
+@pytest.mark.parametrize(("name", "ocs", "near", "far"), _cases(), ids=lambda v: str(v)[:20])
+def test_negated_distance_field_is_true_exactly_for_minus_distance(
+    name: str, ocs: OCS, near: torch.Tensor, far: torch.Tensor
+) -> None:
+    outputs = torch.cat([near, far, 0.5 * (near + far)])
+    score = S.compute_score(name, outputs, ocs)
+    is_minus_distance = torch.equal(score, -distance(outputs, ocs))
+    assert SCORES[name].negated_distance == is_minus_distance
+
+
+@pytest.mark.parametrize(("name", "ocs", "near", "far"), _cases(), ids=lambda v: str(v)[:20])
+def test_input_kinds_field_is_what_the_score_accepts(
+    name: str, ocs: OCS, near: torch.Tensor, far: torch.Tensor
+) -> None:
+    accepted = SCORES[name].kinds_for(ocs.loss)
+    assert set(accepted) <= set(S.INPUT_KINDS) and "logits" in accepted
+    for kind in S.INPUT_KINDS:
+        if kind in accepted:
+            S.check_score(name, ocs, kind)
+        else:
+            with pytest.raises(ValueError, match="kind"):
+                S.check_score(name, ocs, kind)
+
+
 # ---------------------------------------------------------------- invariants (property tests)
 
 finite_logits = st.integers(min_value=1, max_value=12).flatmap(

@@ -28,12 +28,14 @@ from oodmon.detector import Detector
 from oodmon.monitor import Monitor
 from oodmon.ocs import OCS
 
-MODEL_NAME = "mnist-cnn"
-DEFAULT_PORT = 9464
+__all__ = ["add_demo_arguments", "run_demo"]
+
+_MODEL_NAME = "mnist-cnn"
+_DEFAULT_PORT = 9464
 
 
 @dataclass(frozen=True)
-class Phase:
+class _Phase:
     """One stretch of traffic: upright digits (0 degrees), rotated digits, or noise."""
 
     name: str
@@ -41,19 +43,20 @@ class Phase:
     samples: int
 
 
-def scenario(quick: bool) -> list[Phase]:
+def _scenario(quick: bool) -> list[_Phase]:
     n = 200 if quick else 1000
     return [
-        Phase("in-distribution", 0.0, n),
-        Phase("rotated 30°", 30.0, n),
-        Phase("rotated 60°", 60.0, n),
-        Phase("rotated 90°", 90.0, n),
-        Phase("rotated 180°", 180.0, n),
-        Phase("noise", None, n // 2),
+        _Phase("in-distribution", 0.0, n),
+        _Phase("rotated 30°", 30.0, n),
+        _Phase("rotated 60°", 60.0, n),
+        _Phase("rotated 90°", 90.0, n),
+        _Phase("rotated 180°", 180.0, n),
+        _Phase("noise", None, n // 2),
     ]
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``oodmon demo`` options to ``parser``."""
     parser.add_argument("--workdir", default="oodmon-demo", help="where outputs are written")
     parser.add_argument(
         "--cache-dir",
@@ -63,8 +66,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--port",
         type=int,
-        default=DEFAULT_PORT,
-        help=f"port for /metrics on 127.0.0.1 (default {DEFAULT_PORT}; 0 picks a free one)",
+        default=_DEFAULT_PORT,
+        help=f"port for /metrics on 127.0.0.1 (default {_DEFAULT_PORT}; 0 picks a free one)",
     )
     parser.add_argument(
         "--serve",
@@ -91,9 +94,9 @@ def run_demo(args: argparse.Namespace) -> int:
     """Run the demo; returns the exit code (130 if interrupted during the scenario)."""
     from prometheus_client import CollectorRegistry
 
-    from oodmon import mnist
+    from oodmon import QueueWriter
+    from oodmon.demo import mnist
     from oodmon.metrics import PrometheusMetrics, serve
-    from oodmon.label_queue import QueueWriter
     from oodmon.wrap import wrap
 
     started = time.perf_counter()
@@ -106,14 +109,14 @@ def run_demo(args: argparse.Namespace) -> int:
 
     data = mnist.load_mnist("auto", root=args.data_root)
     splits = mnist.split_indices(len(data), seed=args.seed, labels=data.labels)
-    say(f"data: {data.source}; splits " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+    _say(f"data: {data.source}; splits " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
     train_x = mnist.to_model_input(data.images[splits["train"]])
     train_y = data.labels[splits["train"]]
 
-    model, cache_note = trained_model(
+    model, cache_note = _trained_model(
         mnist, train_x, train_y, epochs, args.seed, cache_dir, data.source, progress
     )
-    say(cache_note)
+    _say(cache_note)
 
     cal_x = mnist.to_model_input(data.images[splits["calibration"]])
     detector = Detector(OCS.cross_entropy(train_y, 10), alpha=args.alpha)
@@ -129,18 +132,18 @@ def run_demo(args: argparse.Namespace) -> int:
             f"cannot serve /metrics on 127.0.0.1:{args.port} ({err.strerror or err}); "
             "choose another --port (0 picks a free one)"
         ) from err
-    say(f"metrics: {server.url}")
+    _say(f"metrics: {server.url}")
 
     queue_path = workdir / "label_queue.sqlite"
     with contextlib.suppress(FileNotFoundError):
         for suffix in ("", "-wal", "-shm"):
             Path(f"{queue_path}{suffix}").unlink()
     writer = QueueWriter(queue_path)  # the Monitor tells it the calibration hash
-    monitor = Monitor(detector, MODEL_NAME, "demo", metrics=metrics, queue=writer)
+    monitor = Monitor(detector, _MODEL_NAME, "demo", metrics=metrics, queue=writer)
     wrapped = wrap(model, monitor)
 
     test_images = data.images[splits["test"]]
-    phases = scenario(args.quick)
+    phases = _scenario(args.quick)
     rows: list[dict[str, Any]] = []
     interrupted = False
     previous = _interrupt_on_signals()
@@ -148,7 +151,7 @@ def run_demo(args: argparse.Namespace) -> int:
         with _progress(sum(p.samples for p in phases), "scenario", progress) as bar:
             for phase in phases:
                 before = _totals(registry)
-                images = phase_images(mnist, test_images, phase, args.seed)
+                images = _phase_images(mnist, test_images, phase, args.seed)
                 n_batches = -(-len(images) // args.batch_size)
                 pause = max(args.phase_seconds, 0.0) / n_batches
                 with torch.inference_mode():
@@ -162,22 +165,22 @@ def run_demo(args: argparse.Namespace) -> int:
                 monitor.flush()
                 writer.flush(timeout=30)
                 after = _totals(registry)
-                rows.append(phase_summary(phase, before, after, writer.depth()))
-        plot_path = plot_phases(rows, workdir / "demo.png", detector.alpha)
-        write_summary(rows, workdir / "summary.json", detector, data.source)
-        print_summary(rows)
-        say(f"plot:     {plot_path or 'not written (pip install oodmon[experiments])'}")
-        say(f"queue:    {queue_path}  (try: oodmon queue ls {queue_path})")
-        say(f"detector: {detector_path}  (try: oodmon inspect {detector_path})")
-        say(f"done in {time.perf_counter() - started:.0f} s")
+                rows.append(_phase_summary(phase, before, after, writer.depth()))
+        plot_path = _plot_phases(rows, workdir / "demo.png", detector.alpha)
+        _write_summary(rows, workdir / "summary.json", detector, data.source)
+        _print_summary(rows)
+        _say(f"plot:     {plot_path or 'not written (pip install oodmon[experiments])'}")
+        _say(f"queue:    {queue_path}  (try: oodmon queue ls {queue_path})")
+        _say(f"detector: {detector_path}  (try: oodmon inspect {detector_path})")
+        _say(f"done in {time.perf_counter() - started:.0f} s")
         if args.serve:
-            say(f"serving {server.url} until Ctrl-C (grafana/ has a dashboard for it)")
+            _say(f"serving {server.url} until Ctrl-C (grafana/ has a dashboard for it)")
             with contextlib.suppress(KeyboardInterrupt):
                 while True:
                     time.sleep(3600)
     except KeyboardInterrupt:
         interrupted = True
-        say("interrupted: flushing the label queue and stopping the exporter")
+        _say("interrupted: flushing the label queue and stopping the exporter")
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -198,11 +201,11 @@ def _interrupt_on_signals() -> dict[int, Any]:
     return previous
 
 
-def say(message: str) -> None:
+def _say(message: str) -> None:
     print(message, flush=True)
 
 
-def trained_model(
+def _trained_model(
     mnist: Any,
     train_x: torch.Tensor,
     train_y: torch.Tensor,
@@ -238,7 +241,7 @@ def trained_model(
     return model.eval(), f"model: trained {epochs} epochs in {took:.0f} s, cached at {path}{note}"
 
 
-def phase_images(mnist: Any, test_images: torch.Tensor, phase: Phase, seed: int) -> torch.Tensor:
+def _phase_images(mnist: Any, test_images: torch.Tensor, phase: _Phase, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed + 17)
     picks = torch.randint(0, len(test_images), (phase.samples,), generator=gen)
     if phase.angle is None:
@@ -248,7 +251,7 @@ def phase_images(mnist: Any, test_images: torch.Tensor, phase: Phase, seed: int)
 
 
 def _totals(registry: Any) -> dict[str, float]:
-    labels = {"model": MODEL_NAME, "model_version": "demo"}
+    labels = {"model": _MODEL_NAME, "model_version": "demo"}
 
     def value(name: str, extra: dict[str, str] | None = None) -> float:
         got = registry.get_sample_value(name, {**labels, **(extra or {})})
@@ -259,7 +262,7 @@ def _totals(registry: Any) -> dict[str, float]:
         for family in registry.collect()
         if family.name == "oodmon_flagged"
         for s in family.samples
-        if s.name == "oodmon_flagged_total" and s.labels.get("model") == MODEL_NAME
+        if s.name == "oodmon_flagged_total" and s.labels.get("model") == _MODEL_NAME
     )
     return {
         "predictions": value("oodmon_predictions_total"),
@@ -269,8 +272,8 @@ def _totals(registry: Any) -> dict[str, float]:
     }
 
 
-def phase_summary(
-    phase: Phase, before: dict[str, float], after: dict[str, float], depth: int | None
+def _phase_summary(
+    phase: _Phase, before: dict[str, float], after: dict[str, float], depth: int | None
 ) -> dict[str, Any]:
     delta = {k: after[k] - before[k] for k in after}
     scored = delta["scored"]
@@ -283,21 +286,21 @@ def phase_summary(
     }
 
 
-def print_summary(rows: list[dict[str, Any]]) -> None:
+def _print_summary(rows: list[dict[str, Any]]) -> None:
     header = f"{'phase':<16} {'samples':>8} {'flag rate':>10} {'mean KL to OCS':>15} {'queue':>7}"
-    say("")
-    say(header)
-    say("-" * len(header))
+    _say("")
+    _say(header)
+    _say("-" * len(header))
     for row in rows:
         depth = "?" if row["queue_depth"] is None else str(row["queue_depth"])
-        say(
+        _say(
             f"{row['phase']:<16} {row['samples']:>8} {row['flag_rate']:>10.1%} "
             f"{row['mean_distance']:>12.3f} nats {depth:>7}"
         )
-    say("")
+    _say("")
 
 
-def write_summary(rows: list[dict[str, Any]], path: Path, detector: Detector, source: str) -> None:
+def _write_summary(rows: list[dict[str, Any]], path: Path, detector: Detector, source: str) -> None:
     path.write_text(
         json.dumps(
             {
@@ -312,7 +315,7 @@ def write_summary(rows: list[dict[str, Any]], path: Path, detector: Detector, so
     )
 
 
-def plot_phases(rows: list[dict[str, Any]], path: Path, alpha: float) -> Path | None:
+def _plot_phases(rows: list[dict[str, Any]], path: Path, alpha: float) -> Path | None:
     """Flag rate and mean distance per phase, side by side; None if matplotlib is missing."""
     try:
         import matplotlib

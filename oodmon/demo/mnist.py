@@ -30,6 +30,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+__all__ = [
+    "DEFAULT_ROOT",
+    "DEFAULT_SPLIT_SIZES",
+    "MNIST_MEAN",
+    "MNIST_STD",
+    "MnistData",
+    "SmallCNN",
+    "load_mnist",
+    "predict_features",
+    "predict_logits",
+    "rotate",
+    "split_indices",
+    "to_model_input",
+    "train",
+]
+
 #: Where torchvision's MNIST is looked for (and downloaded to) when no root is given.
 DEFAULT_ROOT = Path("data")
 #: Split sizes that fit the 5,000-digit sample: 300 / 100 / 100 digits per class.

@@ -1,0 +1,10 @@
+"""The face a new user meets first: ``oodmon demo`` and the MNIST test bed behind it.
+
+* :mod:`oodmon.demo.walkthrough`: the ``oodmon demo`` command, end to end on real digits.
+* :mod:`oodmon.demo.mnist`: digits, rotations and a small CNN, shared with the experiments
+  and the benchmarks.
+"""
+
+from oodmon.demo.walkthrough import add_demo_arguments, run_demo
+
+__all__ = ["add_demo_arguments", "run_demo"]

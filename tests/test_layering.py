@@ -1,0 +1,157 @@
+"""The package's layering: imports only run down (core -> decision -> middleware -> sinks -> face).
+
+Every module under ``oodmon/`` is parsed (not imported) and each ``oodmon`` import it makes,
+function-local ones included, is checked against the layer table below. A new module must be
+given a layer here; the label-queue and CLI packages are whole layers.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1] / "oodmon"
+
+LAYERS = ("core", "decision", "middleware", "sinks", "face")
+
+#: Module (or package prefix) -> layer. The longest matching prefix wins.
+LAYER_OF = {
+    "oodmon.errors": "core",
+    "oodmon.ocs": "core",
+    "oodmon.scores": "core",
+    "oodmon.conformal": "core",
+    "oodmon.detector": "decision",
+    "oodmon.verdict": "decision",
+    "oodmon.monitor": "middleware",
+    "oodmon.wrap": "middleware",
+    "oodmon.sinks": "middleware",
+    "oodmon._batcher": "middleware",
+    "oodmon._lifecycle": "middleware",
+    "oodmon.metrics": "sinks",
+    "oodmon._batch_histogram": "sinks",
+    "oodmon.label_queue": "sinks",
+    "oodmon.queue_": "sinks",  # the flat queue modules, before they move into label_queue/
+    "oodmon.cli": "face",
+    "oodmon.queue_cli": "face",
+    "oodmon.demo": "face",
+    "oodmon": "face",  # the package's __init__: the public API re-exports every layer
+}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES = {module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+
+
+def layer(module: str) -> str:
+    matches = [key for key in LAYER_OF if module == key or module.startswith(key + ".")]
+    matches += [key for key in LAYER_OF if key.endswith("_") and module.startswith(key)]
+    if not matches:
+        raise AssertionError(f"{module} has no layer: add it to LAYER_OF in {__file__}")
+    return LAYER_OF[max(matches, key=len)]
+
+
+def resolve(name: str) -> str:
+    """The oodmon module an imported dotted name lives in (a name inside a module -> module)."""
+    while name not in MODULES and "." in name:
+        name = name.rsplit(".", 1)[0]
+    return name
+
+
+def imports_of(module: str) -> set[str]:
+    """The oodmon modules ``module`` imports, anywhere in its source."""
+    path = MODULES[module]
+    tree = ast.parse(path.read_text(), str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            names = [f"{base}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        for name in names:
+            if name == "oodmon" or name.startswith("oodmon."):
+                target = resolve(name)
+                if target != module:
+                    found.add(target)
+    return found
+
+
+GRAPH = {module: imports_of(module) for module in MODULES}
+
+# Before the label queue became a package its flat modules (label_queue.py, queue_*.py) imported
+# each other in a circle, dodged with function-local imports. Until that layout is gone, the
+# family counts as one node for the cycle check; the layering check sees every module.
+FLAT_QUEUE = (ROOT / "label_queue.py").exists()
+
+
+def cycle_node(module: str) -> str:
+    flat = module.startswith(("oodmon.queue_", "oodmon.label_queue"))
+    if FLAT_QUEUE and flat and layer(module) == "sinks":
+        return "oodmon.label_queue"
+    return module
+
+
+CYCLE_GRAPH: dict[str, set[str]] = {}
+for _module, _targets in GRAPH.items():
+    _node = cycle_node(_module)
+    CYCLE_GRAPH.setdefault(_node, set()).update(
+        cycle_node(t) for t in _targets if cycle_node(t) != _node
+    )
+
+
+def test_every_module_has_a_layer() -> None:
+    for module in MODULES:
+        layer(module)
+
+
+@pytest.mark.parametrize("module", sorted(MODULES))
+def test_imports_only_run_down(module: str) -> None:
+    own = LAYERS.index(layer(module))
+    upward = {
+        target: layer(target) for target in GRAPH[module] if LAYERS.index(layer(target)) > own
+    }
+    assert not upward, f"{module} ({layer(module)}) imports up the layering: {upward}"
+
+
+def test_no_import_cycles() -> None:
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(module: str) -> None:
+        state[module] = 1
+        path.append(module)
+        for target in sorted(CYCLE_GRAPH[module]):
+            if state.get(target) == 1:
+                cycle = [*path[path.index(target) :], target]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if state.get(target) is None:
+                visit(target)
+        path.pop()
+        state[module] = 2
+
+    for module in sorted(CYCLE_GRAPH):
+        if module not in state:
+            visit(module)
+
+
+def test_the_checker_sees_an_upward_import() -> None:
+    assert "oodmon.detector" in GRAPH["oodmon.monitor"]  # a real downward import is seen
+    assert layer("oodmon.label_queue.writer") == "sinks"
+    assert layer("oodmon.queue_sqlite") == "sinks"
+    assert layer("oodmon.cli.queue") == "face"
+    assert LAYERS.index(layer("oodmon.metrics")) > LAYERS.index(layer("oodmon.monitor"))
