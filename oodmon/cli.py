@@ -303,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     queue_cli.register(sub)
 
+    from oodmon import sidecar_cli
+
+    sidecar_cli.register(sub)
+
     from oodmon.demo import add_demo_arguments
 
     demo = sub.add_parser(
