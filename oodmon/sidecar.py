@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import json
 import logging
 import os
 import threading
 import urllib.request
+from collections import deque
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass
 from queue import Full, Queue
@@ -57,6 +59,7 @@ from oodmon.queue_writer import QueueWriter
 from oodmon.verdict import HostVerdict, Observation
 
 __all__ = [
+    "DEFAULT_INLINE_BYTES",
     "DEFAULT_MAX_BODY_BYTES",
     "REJECT_REASONS",
     "SIDECAR_METRICS",
@@ -75,6 +78,10 @@ Send = Callable[[Message], Awaitable[None]]
 #: Largest request body accepted (larger bodies get 413): 32 MiB holds a 32 x 100,000 float
 #: batch as JSON text.
 DEFAULT_MAX_BODY_BYTES = 32 * 2**20
+
+#: Batches whose bodies add up to at most this many bytes are scored on the event loop (they
+#: take about a millisecond); larger ones on the worker thread.
+DEFAULT_INLINE_BYTES = 64 * 2**10
 
 #: Why an event or request is refused (a closed set: these are metric labels).
 REJECT_REASONS: tuple[str, ...] = (
@@ -126,6 +133,11 @@ SIDECAR_METRICS: tuple[tuple[str, str, tuple[str, ...], str], ...] = (
 )
 
 _REPLY_BACKLOG = 1000
+#: A worker batch ends at this many events or bytes of bodies (bounds its latency).
+_MAX_BATCH_EVENTS = 256
+_MAX_BATCH_BYTES = 8 * 2**20
+
+_Forward = tuple[dict[str, str], bytes]
 
 
 @dataclass(frozen=True)
@@ -190,6 +202,19 @@ class _Held:
 
 
 @dataclass(frozen=True)
+class _Scorable:
+    """A decoded response waiting to be scored with the others of its batch."""
+
+    route: _Route
+    event: InferenceEvent
+    outputs: np.ndarray
+    reply_name: str
+    reply_version: str
+    inputs: Any
+    request_seen: bool
+
+
+@dataclass(frozen=True)
 class _Answer:
     status: int
     body: bytes
@@ -221,6 +246,8 @@ class Sidecar:
         reply_url: where to post each verdict as a CloudEvent (None: nowhere).
         join_entries: requests (and early flagged responses) held at most.
         join_seconds: seconds a request waits for its response at most.
+        inline_bytes: batches of events whose bodies add up to at most this many bytes are
+            scored on the event loop; larger ones on the worker thread (0: always the worker).
         source: the CloudEvents ``source`` of forwarded verdicts.
 
     Raises:
@@ -240,6 +267,7 @@ class Sidecar:
         reply_url: str | None = None,
         join_entries: int = 10_000,
         join_seconds: float = 30.0,
+        inline_bytes: int = DEFAULT_INLINE_BYTES,
         source: str = "oodmon-sidecar",
     ) -> None:
         if not routes:
@@ -257,6 +285,7 @@ class Sidecar:
         self.strict_default = strict_default
         self.max_body_bytes = max_body_bytes
         self.reply_url = reply_url
+        self.inline_bytes = int(inline_bytes)
         self.source = source
         self._events = Counter(*_spec("oodmon_sidecar_events_total", self.registry))
         self._rejected = Counter(*_spec("oodmon_sidecar_rejected_total", self.registry))
@@ -284,6 +313,11 @@ class Sidecar:
         self._replies: Queue[tuple[dict[str, str], bytes] | None] | None = None
         self._reply_thread: threading.Thread | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._waiting: deque[tuple[Sequence[tuple[bytes, bytes]], bytes, asyncio.Future[Any]]]
+        self._waiting = deque()
+        self._waiting_bytes = 0
+        self._busy = False
+        self._scheduled = False
         self._ready = False
         self._closed = False
         self._logged: set[str] = set()
@@ -427,13 +461,82 @@ class Sidecar:
             more = message.get("more_body", False)
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         loop = asyncio.get_running_loop()
-        try:
-            answer, forward = await loop.run_in_executor(self._pool, self.handle, headers, body)
-        except RuntimeError:  # the pool was shut down: the server is stopping
-            answer, forward = _json(503, {"error": "The sidecar is shutting down."}), None
+        future: asyncio.Future[tuple[_Answer, _Forward | None]] = loop.create_future()
+        self._waiting.append((headers, body, future))
+        self._waiting_bytes += len(body)
+        if not self._busy and not self._scheduled:
+            # let every event already read in this loop iteration join the batch first
+            self._scheduled = True
+            loop.call_soon(self._dispatch, loop)
+        answer, forward = await future
         await _send(send, answer)
         if forward is not None:
             self._forward(forward)
+
+    def _dispatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Score the waiting events as one batch (called on the event loop).
+
+        Events that arrive while a batch is scored wait for the next one: batches grow with
+        load, and an idle sidecar answers at once. Small batches are handled right here, on
+        the event loop: handing them to the worker thread costs more than they take (two
+        thread switches per batch, each fighting for the GIL on a busy machine). Batches with
+        large bodies go to the worker, so that decoding megabytes never holds the loop.
+        """
+        self._scheduled = False
+        if self._busy or not self._waiting:
+            return
+        batch: list[tuple[Sequence[tuple[bytes, bytes]], bytes, asyncio.Future[Any]]] = []
+        size = 0
+        while self._waiting and (
+            not batch or (len(batch) < _MAX_BATCH_EVENTS and size < _MAX_BATCH_BYTES)
+        ):
+            item = self._waiting.popleft()
+            size += len(item[1])
+            batch.append(item)
+        self._waiting_bytes -= size
+        messages = [(headers, body) for headers, body, _ in batch]
+        if size <= self.inline_bytes:
+            try:
+                results = self.handle_batch(messages)
+            except Exception as err:
+                results = [(self._internal(err), None)] * len(batch)
+            for (*_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+            if self._waiting and not self._scheduled:
+                self._scheduled = True
+                loop.call_soon(self._dispatch, loop)
+            return
+        self._busy = True
+        try:
+            work = loop.run_in_executor(self._pool, self.handle_batch, messages)
+        except RuntimeError:  # the pool was shut down: the server is stopping
+            self._busy = False
+            for *_, future in batch:
+                if not future.done():
+                    future.set_result((_json(503, {"error": "The sidecar is shutting down."}),
+                                       None))  # fmt: skip
+            return
+        work.add_done_callback(lambda done: self._batch_done(loop, batch, done))
+
+    def _batch_done(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[tuple[Any, bytes, asyncio.Future[Any]]],
+        done: asyncio.Future[list[tuple[_Answer, _Forward | None]]],
+    ) -> None:
+        self._busy = False
+        error = done.exception()
+        for index, (*_, future) in enumerate(batch):
+            if future.done():
+                continue
+            if error is not None:
+                future.set_result((self._internal(error), None))  # type: ignore[arg-type]
+            else:
+                future.set_result(done.result()[index])
+        if self._waiting and not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._dispatch, loop)
 
     def _too_large(self, size: int, at_least: bool = False) -> str:
         return (
@@ -472,33 +575,69 @@ class Sidecar:
 
     def handle(
         self, headers: Sequence[tuple[bytes, bytes]], body: bytes
-    ) -> tuple[_Answer, tuple[dict[str, str], bytes] | None]:
-        """Decode, score and answer one posted event (runs on the worker thread).
+    ) -> tuple[_Answer, _Forward | None]:
+        """Decode, score and answer one posted event (see :meth:`handle_batch`)."""
+        return self.handle_batch([(headers, body)])[0]
 
-        Returns the HTTP answer, and the verdict CloudEvent to forward (or None).
+    def handle_batch(
+        self, messages: Sequence[tuple[Sequence[tuple[bytes, bytes]], bytes]]
+    ) -> list[tuple[_Answer, _Forward | None]]:
+        """Decode, score and answer posted events (runs on the worker thread).
+
+        Events that arrived together are decoded one by one, and the responses of one model
+        are scored in ONE detector call: at batch 1 the fixed cost of a call (tensor setup,
+        metric updates) is most of the work, so concurrent events share it.
+
+        Returns, per message, the HTTP answer and the verdict CloudEvent to forward (or None).
         """
+        results: list[tuple[_Answer, _Forward | None] | None] = [None] * len(messages)
+        groups: dict[int, list[tuple[int, _Scorable]]] = {}
+        for i, (headers, body) in enumerate(messages):
+            prepared = self._guarded(functools.partial(self._prepare, headers, body))
+            if isinstance(prepared, _Scorable):
+                groups.setdefault(id(prepared.route), []).append((i, prepared))
+            else:
+                results[i] = prepared
+        for items in groups.values():
+            try:
+                for i, answer in self._score(items):
+                    results[i] = answer
+            except Exception as err:
+                for i, _ in items:
+                    results[i] = self._guarded(functools.partial(_raise, err))
+        return [r if r is not None else (self._internal(RuntimeError("no answer")), None)
+                for r in results]  # fmt: skip
+
+    def _guarded(self, step: Callable[[], Any]) -> Any:
+        """Run ``step``; turn what it raises into the error answer it deserves."""
         try:
-            event = decode_event(headers, body)
-            self._events.labels(event.kind).inc()
-            if event.kind == "request":
-                return self._on_request(event), None
-            return self._on_response(event)
+            return step()
         except EventError as err:
             return self._refuse(400, err.reason, str(err)), None
         except _Rejected as err:
             extra = err.extra if isinstance(err.extra, dict) else {}
             return self._refuse(err.status, err.reason, str(err), extra), None
         except Exception as err:
-            self._log_once("internal", f"oodmon sidecar: failed on an event ({err!r}).", err)
-            return self._refuse(
-                500, "internal", f"The sidecar failed on this event: {err!r}."
-            ), None
+            return self._internal(err), None
+
+    def _internal(self, err: Exception) -> _Answer:
+        self._log_once("internal", f"oodmon sidecar: failed on an event ({err!r}).", err)
+        return self._refuse(500, "internal", f"The sidecar failed on this event: {err!r}.")
 
     def _refuse(
         self, status: int, reason: str, message: str, extra: dict[str, Any] | None = None
     ) -> _Answer:
         self._rejected.labels(reason).inc()
         return _json(status, {"error": message, **(extra or {})})
+
+    def _prepare(
+        self, headers: Sequence[tuple[bytes, bytes]], body: bytes
+    ) -> tuple[_Answer, None] | _Scorable:
+        event = decode_event(headers, body)
+        self._events.labels(event.kind).inc()
+        if event.kind == "request":
+            return self._on_request(event), None
+        return self._on_response(event)
 
     def _on_request(self, event: InferenceEvent) -> _Answer:
         try:
@@ -509,17 +648,15 @@ class Sidecar:
         held = self.join.pop(event.id)
         if held is not None and held.kind == "response":
             # the response came first and had flagged rows: they reach the queue now, with inputs
-            assert held.route is not None and held.observation is not None
-            self._submit(held.route, _with_inputs(held.observation, inputs))
+            if held.route is not None and held.observation is not None:
+                self._submit(held.route, _with_inputs(held.observation, inputs))
             joined = True
         else:
             self.join.put(event.id, _Held("request", inputs=inputs))
             joined = False
         return _json(202, {"id": event.id, "joined": joined})
 
-    def _on_response(
-        self, event: InferenceEvent
-    ) -> tuple[_Answer, tuple[dict[str, str], bytes] | None]:
+    def _on_response(self, event: InferenceEvent) -> _Scorable:
         try:
             payload = parse_response(event.data)
         except OIPError as err:
@@ -533,22 +670,50 @@ class Sidecar:
         width = route.spec.detector.num_outputs
         if outputs.ndim == 1 and payload.protocol == "v2" and outputs.shape[0] == width:
             outputs = outputs[None, :]  # one unbatched row
-        shape_problem = _shape_problem(outputs, width, output_name)
         held = self.join.pop(event.id)
         request_seen = held is not None and held.kind == "request"
-        inputs = held.inputs if held is not None and request_seen else None
-        verdict = route.monitor.observe(outputs)  # counts invalid rows, as in-process
+        shape_problem = _shape_problem(outputs, width, output_name)
         if shape_problem is not None:
+            route.monitor.observe(outputs)  # counts the rows as invalid, as in-process
             raise _Rejected(422, *shape_problem)
+        return _Scorable(
+            route=route,
+            event=event,
+            outputs=outputs,
+            reply_name=name or route.spec.model,
+            reply_version=payload.model_version or route.spec.version,
+            inputs=held.inputs if held is not None and request_seen else None,
+            request_seen=request_seen,
+        )
+
+    def _score(
+        self, items: list[tuple[int, _Scorable]]
+    ) -> list[tuple[int, tuple[_Answer, _Forward | None]]]:
+        """Score the responses of one route together and answer each."""
+        route = items[0][1].route
+        parts = [item.outputs for _, item in items]
+        outputs = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        verdict = route.monitor.observe(outputs)
         if verdict is None:
-            raise _Rejected(500, "internal", "Scoring failed; see the sidecar's log.")
+            raise RuntimeError("scoring failed; see the sidecar's log")
         host = verdict.to_host()
-        self._flagged_to_queue(route, event.id, host, inputs, request_seen)
+        answers = []
+        start = 0
+        for i, item in items:
+            stop = start + item.outputs.shape[0]
+            rows = host if len(items) == 1 else host.take(np.arange(start, stop))
+            start = stop
+            answers.append((i, self._guarded(functools.partial(self._answer, item, rows))))
+        return answers
+
+    def _answer(self, item: _Scorable, host: HostVerdict) -> tuple[_Answer, _Forward | None]:
+        route, event = item.route, item.event
+        self._flagged_to_queue(route, event.id, host, item.inputs, item.request_seen)
         reply = encode_verdict(
             host,
             route.identity,
-            model_name=name or route.spec.model,
-            model_version=payload.model_version or route.spec.version,
+            model_name=item.reply_name,
+            model_version=item.reply_version,
             id=event.id,
         )
         forward = self._verdict_event(event, reply) if self.reply_url else None
@@ -618,9 +783,7 @@ class Sidecar:
 
     # ------------------------------------------------------------------ forwarding
 
-    def _verdict_event(
-        self, event: InferenceEvent, reply: dict[str, Any]
-    ) -> tuple[dict[str, str], bytes]:
+    def _verdict_event(self, event: InferenceEvent, reply: dict[str, Any]) -> _Forward:
         return encode_event(VERDICT_TYPE, self.source, event.id, reply)
 
     def _forward(self, message: tuple[dict[str, str], bytes]) -> None:
@@ -760,3 +923,7 @@ async def _send(send: Send, answer: _Answer) -> None:
         }
     )
     await send({"type": "http.response.body", "body": answer.body})
+
+
+def _raise(err: Exception) -> None:
+    raise err

@@ -64,6 +64,11 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--join-entries", type=int, default=10_000, help="requests held at most (10000)"
     )
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch intra-op threads for scoring (1: batches here are small, and spare "
+        "threads would spin against the event loop for the same cores)",
+    )  # fmt: skip
     parser.add_argument("--log-level", default="warning", help="uvicorn log level (warning)")
     parser.set_defaults(handler=cmd_sidecar)
     return parser
@@ -112,6 +117,11 @@ def cmd_sidecar(args: argparse.Namespace) -> int:
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"Expected --port in [0, 65535], but got {args.port}.")
+    if args.threads < 1:
+        raise ValueError(f"Expected --threads >= 1, but got {args.threads}.")
+    import torch
+
+    torch.set_num_threads(args.threads)
     sidecar = build_sidecar(args)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     print(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -260,8 +261,9 @@ def sidecar_process(
     output = proc.stdout.read().decode() if proc.stdout is not None else ""
     if proc.stdout is not None:
         proc.stdout.close()
-    # SIGTERM is a clean shutdown: held rows queued, the label queue flushed, exit 0
-    assert proc.returncode == 0, output
+    # SIGTERM is a graceful shutdown (uvicorn re-raises the signal once it is done)
+    assert proc.returncode in (0, -signal.SIGTERM), output
+    assert "Traceback" not in output, output
 
 
 @pytest.mark.slow
