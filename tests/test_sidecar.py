@@ -398,3 +398,45 @@ def test_real_process_probes_and_metrics_families(sidecar_process: Process) -> N
         assert f"# HELP {name} " in text, name
     lint = prometheus_server.run_promtool(["check", "metrics"], stdin=text.encode())
     assert lint.returncode == 0, lint.stdout.decode() + lint.stderr.decode()
+
+
+def test_reply_url_receives_the_verdict_as_a_cloudevent() -> None:
+    import http.server
+    import threading
+
+    received: list[tuple[dict[str, str], bytes]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["content-length"]))
+            received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+            self.send_response(202)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/verdicts"
+    app = Sidecar([DetectorRoute(make_detector(ALPHA_CLASSES, 1), "alpha", "v1")], reply_url=url)
+    try:
+        logits = synthetic_logits(2, ALPHA_CLASSES, np.random.default_rng(7), ood=True)
+        headers, body = binary(RESPONSE_TYPE, "fwd-1", response_body("alpha", logits))
+        answer, forward = app.handle([(k.encode(), v.encode()) for k, v in headers.items()], body)
+        assert answer.status == 200 and forward is not None
+        app._forward(forward)  # what the ASGI path does after answering
+        deadline = time.monotonic() + 10
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ((sent_headers, sent_body),) = received
+        assert sent_headers["ce-type"] == "io.seldon.serving.inference.outlier"
+        assert sent_headers["ce-id"] == "fwd-1"
+        assert json.loads(sent_body) == json.loads(answer.body)
+    finally:
+        app.close()
+        server.shutdown()
+        server.server_close()
+    assert app.registry.get_sample_value("oodmon_sidecar_forwarded_total", {"outcome": "ok"}) == 1
