@@ -1,4 +1,6 @@
-"""The package's layering: imports only run down (core -> decision -> middleware -> sinks -> face).
+"""The package's layering: imports only run down.
+
+The layers: core -> decision -> middleware -> sinks -> integration -> face.
 
 Every module under ``oodmon/`` is parsed (not imported) and each ``oodmon`` import it makes,
 function-local ones included, is checked against the layer table below. A new module must be
@@ -14,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "oodmon"
 
-LAYERS = ("core", "decision", "middleware", "sinks", "face")
+LAYERS = ("core", "decision", "middleware", "sinks", "integration", "face")
 
 #: Module (or package prefix) -> layer. The longest matching prefix wins.
 LAYER_OF = {
@@ -32,9 +34,10 @@ LAYER_OF = {
     "oodmon.metrics": "sinks",
     "oodmon._batch_histogram": "sinks",
     "oodmon.label_queue": "sinks",
-    "oodmon.queue_": "sinks",  # the flat queue modules, before they move into label_queue/
+    "oodmon.oip": "integration",
+    "oodmon.events": "integration",
+    "oodmon.sidecar": "integration",
     "oodmon.cli": "face",
-    "oodmon.queue_cli": "face",
     "oodmon.demo": "face",
     "oodmon": "face",  # the package's __init__: the public API re-exports every layer
 }
@@ -52,7 +55,6 @@ MODULES = {module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
 
 def layer(module: str) -> str:
     matches = [key for key in LAYER_OF if module == key or module.startswith(key + ".")]
-    matches += [key for key in LAYER_OF if key.endswith("_") and module.startswith(key)]
     if not matches:
         raise AssertionError(f"{module} has no layer: add it to LAYER_OF in {__file__}")
     return LAYER_OF[max(matches, key=len)]
@@ -93,25 +95,9 @@ def imports_of(module: str) -> set[str]:
 
 GRAPH = {module: imports_of(module) for module in MODULES}
 
-# Before the label queue became a package its flat modules (label_queue.py, queue_*.py) imported
-# each other in a circle, dodged with function-local imports. Until that layout is gone, the
-# family counts as one node for the cycle check; the layering check sees every module.
-FLAT_QUEUE = (ROOT / "label_queue.py").exists()
-
-
-def cycle_node(module: str) -> str:
-    flat = module.startswith(("oodmon.queue_", "oodmon.label_queue"))
-    if FLAT_QUEUE and flat and layer(module) == "sinks":
-        return "oodmon.label_queue"
-    return module
-
-
 CYCLE_GRAPH: dict[str, set[str]] = {}
 for _module, _targets in GRAPH.items():
-    _node = cycle_node(_module)
-    CYCLE_GRAPH.setdefault(_node, set()).update(
-        cycle_node(t) for t in _targets if cycle_node(t) != _node
-    )
+    CYCLE_GRAPH[_module] = {t for t in _targets if t != _module}
 
 
 def test_every_module_has_a_layer() -> None:
@@ -152,6 +138,6 @@ def test_no_import_cycles() -> None:
 def test_the_checker_sees_an_upward_import() -> None:
     assert "oodmon.detector" in GRAPH["oodmon.monitor"]  # a real downward import is seen
     assert layer("oodmon.label_queue.writer") == "sinks"
-    assert layer("oodmon.queue_sqlite") == "sinks"
+    assert layer("oodmon.sidecar") == "integration"
     assert layer("oodmon.cli.queue") == "face"
     assert LAYERS.index(layer("oodmon.metrics")) > LAYERS.index(layer("oodmon.monitor"))

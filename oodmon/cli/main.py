@@ -20,6 +20,7 @@ import torch
 
 from oodmon import __version__
 from oodmon.cli import queue as queue_commands
+from oodmon.cli import sidecar as sidecar_commands
 from oodmon.detector import Detector
 from oodmon.errors import OodmonError
 from oodmon.ocs import LOSSES, OCS
@@ -307,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(handler=cmd_inspect)
 
     queue_commands.register(sub)
+    sidecar_commands.register(sub)
 
     from oodmon.demo import add_demo_arguments
 
