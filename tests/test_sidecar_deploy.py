@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from oodmon import OCS, Detector
-from oodmon.cli import build_parser
+from oodmon.cli.main import build_parser
 from oodmon.sidecar import DetectorRoute, Sidecar, parse_detector_spec
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "kserve"

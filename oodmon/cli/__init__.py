@@ -2,7 +2,8 @@
 
 - ``main``: the parser, :func:`main` (the console script), and the detector commands
   ``calibrate``, ``score``, ``inspect`` and ``demo``;
-- ``queue``: ``oodmon queue ls|stats|export|claim|done|release``.
+- ``queue``: ``oodmon queue ls|stats|export|claim|done|release``;
+- ``sidecar``: ``oodmon sidecar``, the CloudEvents receiver for model servers' payload logs.
 """
 
 from oodmon.cli.main import main
