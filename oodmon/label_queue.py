@@ -44,7 +44,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import IO, Any, Protocol
@@ -612,6 +612,22 @@ class LabelQueue:
                 "read_only=True to change it."
             )
         return self._db
+
+    @contextmanager
+    def transaction(self, write: bool = False) -> Iterator[Backend]:
+        """The queue's database inside one transaction, for companion tables.
+
+        For modules that keep their own table beside the queue (e.g. the Label Studio task
+        ids of :mod:`oodmon.label_studio`). SQL takes ``?`` placeholders on every backend;
+        the ``items`` and ``meta`` tables belong to the queue: never write them through this.
+
+        Raises:
+            ReadOnlyQueueError: ``write=True`` on a read-only queue.
+        """
+        with self._lock:
+            db = self._conn(write=write)
+            with db.transaction(write=write):
+                yield db
 
     def close(self) -> None:
         """Close the connection (idempotent)."""

@@ -6,6 +6,11 @@
     oodmon queue claim URL --worker NAME [-n N] [--lease SECONDS] [-o FILE] [--format F]
     oodmon queue done URL ID LABEL [--worker NAME]
     oodmon queue release URL ID [--worker NAME]
+    oodmon queue push URL --label-studio URL --project ID [--class-names A,B]
+        [--uncertainty-sampling]
+    oodmon queue pull URL --label-studio URL --project ID
+
+``push`` and ``pull`` read the Label Studio API key from ``LABEL_STUDIO_API_KEY``.
 
 URL is a file path, ``sqlite:///path.db`` or ``postgresql://user@host/db``. ``ls``,
 ``stats`` and ``export`` open the queue read-only. :func:`register` plugs the commands into
@@ -29,7 +34,7 @@ from oodmon.label_queue import (
     QueueItem,
     format_utc,
 )
-from oodmon.queue_export import write_jsonl, write_label_studio
+from oodmon.queue_export import labelling_config, write_jsonl, write_label_studio
 
 FORMATS = ("label-studio", "jsonl")
 
@@ -65,6 +70,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     export.add_argument("--status", choices=("queued", "claimed", "done"))
     export.add_argument("--model")
     export.add_argument("--limit", type=_count, default=0, help="items to export (0: all)")
+    export.add_argument(
+        "--config-out",
+        help="also write the Label Studio labelling config XML here (needs --class-names)",
+    )
     export.set_defaults(handler=cmd_export)
 
     claim = add("claim", "take the most-OOD queued items under a lease")
@@ -89,6 +98,25 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     release.add_argument("id", metavar="ID")
     release.add_argument("--worker", help="refuse if another worker holds a live lease on it")
     release.set_defaults(handler=cmd_release)
+
+    for name, help, handler in (
+        ("push", "create Label Studio tasks for new queued items, most OOD first", cmd_push),
+        ("pull", "bring Label Studio annotations back as labels", cmd_pull),
+    ):
+        parser = add(name, help)
+        parser.add_argument("--label-studio", required=True, metavar="URL",
+                            help="Label Studio server, e.g. http://localhost:8080")
+        parser.add_argument("--project", required=True, type=_positive, help="project id")
+        parser.set_defaults(handler=handler)
+        if name == "push":
+            parser.add_argument("--class-names", help="comma-separated class names")
+            parser.add_argument("--model")
+            parser.add_argument("--limit", type=_count, default=0, help="items (0: all)")
+            parser.add_argument(
+                "--uncertainty-sampling",
+                action="store_true",
+                help="set the project to serve the lowest-confidence (most OOD) task first",
+            )
     return queue
 
 
@@ -154,11 +182,22 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    config = None
+    if args.config_out:
+        if args.format != "label-studio" or not args.class_names:
+            raise ValueError(
+                "Expected --class-names (and --format label-studio) with --config-out: the "
+                "labelling config lists the class names."
+            )
+        config = labelling_config(_names(args) or [])
     with _open(args.url, read_only=True) as queue:
         items = queue.iter_items(
             args.status, model=args.model, limit=args.limit or None, include_inputs=True
         )
         count = _write(items, args)
+    if config is not None:
+        with open(args.config_out, "w", encoding="utf-8") as fh:
+            fh.write(config)
     if args.output != "-":
         print(f"wrote {count} items to {args.output} ({args.format})", file=sys.stderr)
     return 0
@@ -190,8 +229,58 @@ def cmd_release(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from oodmon.label_studio import push
+
+    client = _studio(args)
+    with _open(args.url, read_only=False) as queue:
+        result = push(
+            queue,
+            client,
+            args.project,
+            model=args.model,
+            limit=args.limit or None,
+            class_names=_names(args),
+            configure_sampling=args.uncertainty_sampling,
+        )
+    recovered = f", {result.recovered} recovered" if result.recovered else ""
+    print(
+        f"pushed {result.pushed} items to project {args.project} "
+        f"({result.already} already there{recovered})"
+    )
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from oodmon.label_studio import pull
+
+    client = _studio(args)
+    with _open(args.url, read_only=False) as queue:
+        result = pull(queue, client, args.project)
+    for conflict in result.conflicts:
+        print(conflict.describe(), file=sys.stderr)
+    print(
+        f"labelled {result.labelled} items from project {args.project} "
+        f"({result.unchanged} unchanged, {result.unknown} unknown tasks, "
+        f"{len(result.conflicts)} conflicts)"
+    )
+    return 0
+
+
+def _studio(args: argparse.Namespace) -> Any:
+    import os
+
+    from oodmon.label_studio import API_KEY_ENV, LabelStudioClient
+
+    return LabelStudioClient(args.label_studio, os.environ.get(API_KEY_ENV, ""))
+
+
+def _names(args: argparse.Namespace) -> list[str] | None:
+    return None if not args.class_names else [n.strip() for n in args.class_names.split(",")]
+
+
 def _write(items: Any, args: argparse.Namespace) -> int:
-    names = None if not args.class_names else [n.strip() for n in args.class_names.split(",")]
+    names = _names(args)
     dest = sys.stdout if args.output == "-" else args.output
     if args.format == "jsonl":
         return write_jsonl(items, dest)
