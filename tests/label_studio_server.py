@@ -178,8 +178,30 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
+def attach(url: str, legacy_token: str) -> LabelStudioServer:
+    """A server someone else runs (``OODMON_LABEL_STUDIO_URL``, ``..._LEGACY_TOKEN`` and, if
+    one exists already, ``..._PAT``), to rerun the tests without waiting for a fresh start; the
+    tests never stop it."""
+    server = LabelStudioServer(Path(os.devnull))
+    server.port = int(url.rsplit(":", 1)[1].strip("/"))
+    server.legacy_token = legacy_token
+    server.email = str(server.api("GET", "/api/current-user/whoami")["email"])
+    # Label Studio keeps one personal access token per user: reuse it when given
+    pat = os.environ.get("OODMON_LABEL_STUDIO_PAT")
+    server.personal_token = pat or str(server.api("POST", "/api/token/")["token"])
+    return server
+
+
 def serve() -> Iterator[LabelStudioServer]:
     """Generator body for a fixture: start, yield, always stop."""
+    running = os.environ.get("OODMON_LABEL_STUDIO_URL")
+    if running:
+        server = attach(running, os.environ.get("OODMON_LABEL_STUDIO_LEGACY_TOKEN", ""))
+        try:
+            yield server
+        finally:
+            shutil.rmtree(server.root, ignore_errors=True)
+        return
     executable = find_executable()
     if executable is None:
         unavailable(
