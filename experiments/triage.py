@@ -455,10 +455,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = QUICK if args.quick else Config()
     if args.seeds:
         cfg = replace(cfg, seeds=tuple(args.seeds))
+    threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     start, cpu_start = time.perf_counter(), time.process_time()
     data = common.load_data(args)
-    per_seed = [run_seed(data, cfg, seed, not args.no_progress) for seed in cfg.seeds]
+    try:
+        per_seed = [run_seed(data, cfg, seed, not args.no_progress) for seed in cfg.seeds]
+    finally:
+        torch.set_num_threads(threads)  # callers (the tests) keep their own setting
     suffix = "_quick" if args.quick else ""
     result: dict[str, Any] = {
         "experiment": "triage",
