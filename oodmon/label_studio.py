@@ -477,10 +477,13 @@ def pull(
         annotation = _latest_choice(task.get("annotations") or [], from_name)
         if annotation is None:
             continue
-        item_id = by_task.get(int(task["id"])) or (task.get("data") or {}).get("oodmon_id")
-        if not isinstance(item_id, str):
-            unknown += 1
-            continue
+        item_id = by_task.get(int(task["id"]))
+        if item_id is None:  # pushed by a run that died before recording it, or imported by hand
+            item_id = (task.get("data") or {}).get("oodmon_id")
+            if not isinstance(item_id, str) or queue.get(item_id, include_input=False) is None:
+                unknown += 1
+                continue
+            _record(queue, client.url, project, [(item_id, int(task["id"]))], queue.clock())
         label, annotation_id, updated, updated_text, who = annotation
         if pulled.get(item_id) == (annotation_id, updated_text):
             unchanged += 1

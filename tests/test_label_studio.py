@@ -357,6 +357,13 @@ def test_push_refuses_large_inline_inputs_and_recovers_lost_records(studio, tmp_
         again = push(q, client, project)
         assert (again.pushed, again.recovered, again.already) == (0, 2, 2)
         assert task_ids(q, studio.url, project) == first.task_ids
+        # pull finds an annotated task by its oodmon_id too, and records it
+        with q.transaction(write=True) as db:
+            db.execute(f"DELETE FROM {TASKS_TABLE}")
+        annotate(studio, first.task_ids["small"], "digit-2")
+        pulled = pull(q, client, project)
+        assert (pulled.labelled, pulled.unknown) == (1, 0) and q.get("small").label == "digit-2"
+        assert task_ids(q, studio.url, project) == {"small": first.task_ids["small"]}
     tasks = studio.api("GET", f"/api/tasks/?project={project}&fields=all")["tasks"]
     by_item = {t["data"]["oodmon_id"]: t for t in tasks}
     assert by_item["by-ref"]["data"]["image"] == "https://example.org/big.png"
