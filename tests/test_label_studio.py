@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 
 import label_studio_server
@@ -138,8 +139,11 @@ def test_task_ids_live_beside_the_queue_on_both_backends(queue_url: str) -> None
 
 
 @pytest.fixture(scope="module")
-def studio() -> label_studio_server.LabelStudioServer:
-    yield from label_studio_server.serve()
+def studio() -> Iterator[label_studio_server.LabelStudioServer]:
+    for server in label_studio_server.serve():
+        # shown with `pytest -s`: how long a fresh Label Studio takes to answer
+        print(f"\nLabel Studio {server.url} ready after {server.start_seconds:.1f} s")
+        yield server
 
 
 def digit(k: int) -> np.ndarray:
@@ -201,7 +205,6 @@ def annotate(studio, task_id: int, label: str) -> None:
 def test_push_pull_round_trip_with_a_real_label_studio(
     studio, queue50: str, capsys, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    print(f"\nLabel Studio started in {studio.start_seconds:.1f} s")
     project = new_project(studio)
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", studio.personal_token)
     args = ["--label-studio", studio.url, "--project", str(project)]
