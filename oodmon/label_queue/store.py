@@ -205,8 +205,12 @@ class LabelQueue:
         return self._db is None
 
     @contextmanager
-    def _transaction(self, write: bool) -> Iterator[Backend]:
+    def transaction(self, write: bool = False) -> Iterator[Backend]:
         """One transaction on the open connection, holding the lock that shares it.
+
+        Also for companion tables kept beside the queue (the Label Studio task ids of
+        :mod:`oodmon.label_queue.label_studio`). SQL takes ``?`` placeholders on every backend;
+        the ``items`` and ``meta`` tables belong to the queue: never write them through this.
 
         Raises:
             QueueError: the queue is closed.
@@ -293,7 +297,7 @@ class LabelQueue:
                     f"Expected QueueItem objects (see QueueItem.create), but got "
                     f"{type(item).__name__}."
                 )
-        with self._transaction(write=True) as db:
+        with self.transaction(write=True) as db:
             db.serialize_adders()
             return admit(db, batch, self.clock(), self._capacity)
 
@@ -315,7 +319,7 @@ class LabelQueue:
         lease = float(lease_seconds)
         if not (math.isfinite(lease) and lease > 0):
             raise ValueError(f"Expected `lease_seconds` > 0, but got {lease_seconds!r}.")
-        with self._transaction(write=True) as db:
+        with self.transaction(write=True) as db:
             now = self.clock()
             expire_leases(db, now)
             rows = db.query(
@@ -349,7 +353,7 @@ class LabelQueue:
         if not isinstance(label, str) or not label:
             raise ValueError(f"Expected `label` to be a non-empty string, but got {label!r}.")
         worker = _check_worker(worker)
-        with self._transaction(write=True) as db:
+        with self.transaction(write=True) as db:
             now = self.clock()
             _status, holder = self._lockable(db, id, worker, now, "label")
             db.execute(
@@ -370,7 +374,7 @@ class LabelQueue:
             LeaseError: it is already labelled, or another worker holds a live lease on it.
         """
         worker = _check_worker(worker)
-        with self._transaction(write=True) as db:
+        with self.transaction(write=True) as db:
             now = self.clock()
             status, _ = self._lockable(db, id, worker, now, "release")
             if status == "done":
@@ -404,7 +408,7 @@ class LabelQueue:
     def get(self, id: str, include_input: bool = True) -> QueueItem | None:
         """The item with this id, or None."""
         cols = COLS_WITH_INPUT if include_input else COLS_NO_INPUT
-        with self._transaction(write=False) as db:
+        with self.transaction(write=False) as db:
             rows = db.query(f"SELECT {cols} FROM items WHERE id = ?", (id,))
         return row_to_item(rows[0], self.clock()) if rows else None
 
@@ -469,7 +473,7 @@ class LabelQueue:
                 sql += " WHERE " + " AND ".join(where)
             sql += f" ORDER BY {PRIORITY} LIMIT ?"
             params.append(size)
-            with self._transaction(write=False) as db:
+            with self.transaction(write=False) as db:
                 rows = db.query(sql, params)
             for row in rows:
                 yield row_to_item(row, now)
@@ -482,7 +486,7 @@ class LabelQueue:
 
     def stats(self) -> QueueStats:
         """Counts by (effective) status, capacity and the persistent eviction counters."""
-        with self._transaction(write=False) as db:
+        with self.transaction(write=False) as db:
             now = self.clock()
             by_status = db.query(
                 "SELECT status, COUNT(*), COALESCE(SUM(seen_count), 0) FROM items GROUP BY status"
