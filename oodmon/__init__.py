@@ -8,6 +8,7 @@ from oodmon.errors import FormatVersionError, NotFittedError, OodmonError
 from oodmon.label_queue import LabelQueue, QueueItem
 from oodmon.monitor import Monitor, MonitorStats
 from oodmon.ocs import OCS, reward_targets
+from oodmon.offline import score_table
 from oodmon.queue_writer import QueueWriter
 from oodmon.scores import SCORES, distance
 from oodmon.verdict import HostVerdict, Observation, Verdict
@@ -33,5 +34,6 @@ __all__ = [
     "__version__",
     "distance",
     "reward_targets",
+    "score_table",
     "wrap",
 ]
