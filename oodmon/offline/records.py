@@ -119,7 +119,7 @@ def _decode_payload(
 ) -> DecodedLine:
     """THE place a JSON payload becomes rows: OIP and KServe v1 through :mod:`oodmon.oip`,
     plain ``{"outputs": [numbers...]}`` rows here."""
-    from oodmon import oip
+    import oodmon.oip as oip
 
     outputs = payload.get("outputs")
     if "outputs" in payload and not _is_tensor_list(outputs):

@@ -191,23 +191,23 @@ def rows_from_arrow(
 
 def _list_to_matrix(array: pa.Array, n: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     reasons = np.zeros(n, dtype=np.uint8)
     dtype = _float_dtype(array.type.value_type)
-    lengths = pc.list_value_length(array)
-    if array.null_count == 0 and (
-        pa.types.is_fixed_size_list(array.type) or pc.all(pc.equal(lengths, width)).as_py()
-    ):
+    lengths = None  # fixed-size lists: every row has list_size (= width, checked by the schema)
+    if not pa.types.is_fixed_size_list(array.type):
+        lengths = np.diff(array.offsets.to_numpy(zero_copy_only=False))
+    if array.null_count == 0 and (lengths is None or bool((lengths == width).all())):
         return _flat_values(array, dtype).reshape(n, width), reasons
-    good = pc.fill_null(pc.equal(lengths, width), False)
-    good_np = good.to_numpy(zero_copy_only=False)
+    null = np.zeros(n, dtype=bool)
+    if array.null_count:
+        null = array.is_null().to_numpy(zero_copy_only=False)
+    good = ~null if lengths is None else ~null & (lengths == width)
     outputs = np.full((n, width), np.nan, dtype=dtype)
-    if good_np.any():
-        outputs[good_np] = _flat_values(array.filter(good), dtype).reshape(-1, width)
-    null_np = array.is_null().to_numpy(zero_copy_only=False)
-    reasons[~good_np] = reason_code("wrong_width")
-    reasons[null_np] = reason_code("null")
+    if good.any():
+        outputs[good] = _flat_values(array.filter(pa.array(good)), dtype).reshape(-1, width)
+    reasons[~good] = reason_code("wrong_width")
+    reasons[null] = reason_code("null")
     return outputs, reasons
 
 

@@ -19,6 +19,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from oodmon.detector import Detector
+from oodmon.offline._pipeline import BackgroundConsumer, prefetch
 from oodmon.offline.fdr import bh_cutoff, p_value_counts
 from oodmon.offline.readers import TableReader, open_reader
 from oodmon.offline.scoring import VERDICT_COLUMNS, score_batch
@@ -145,20 +146,28 @@ def score_table(
     cutoff = None
     if fdr is not None:
         cutoff = _bh_pass(reader, model, fdr, progress)
-    flagged = 0
+    flagged = written = 0
     reasons: dict[str, int] = {}
     with (
         open_writer(target, fmt, kept, index=True) as writer,
         _progress(reader.total_rows, "scoring", progress) as bar,
     ):
-        for rows in reader:
-            scored = score_batch(model, rows, cutoff)
-            writer.write(scored, writer.rows)
-            flagged += int(scored.verdict.flag.sum())
-            for reason, count in scored.reason_counts().items():
-                reasons[reason] = reasons.get(reason, 0) + count
-            if bar is not None:
-                bar.update(len(scored))
+        # read, score and write overlap (three threads, two batches of slack between them)
+        background: BackgroundConsumer[tuple[Any, int]] = BackgroundConsumer(
+            lambda item: writer.write(*item)
+        )
+        try:
+            for rows in prefetch(reader):
+                scored = score_batch(model, rows, cutoff)
+                background.put((scored, written))
+                written += len(scored)
+                flagged += int(scored.verdict.flag.sum())
+                for reason, count in scored.reason_counts().items():
+                    reasons[reason] = reasons.get(reason, 0) + count
+                if bar is not None:
+                    bar.update(len(scored))
+        finally:
+            background.close()
     return ScoreSummary(
         rows=writer.rows,
         flagged=flagged,
@@ -179,7 +188,7 @@ def _bh_pass(reader: TableReader, detector: Detector, fdr: float, progress: bool
     bh_cutoff(np.zeros(1, np.int64), 0, fdr)  # validate fdr before reading anything
     counts = np.zeros(detector.n_calibration_ + 1, dtype=np.int64)
     with _progress(reader.total_rows, "p-values (pass 1 of 2)", progress) as bar:
-        for rows in reader:
+        for rows in prefetch(reader):
             p_value = score_batch(detector, rows).verdict.p_value
             counts += p_value_counts(p_value, detector.n_calibration_)
             if bar is not None:
