@@ -252,7 +252,8 @@ def _read(paths: list[str], layout: dict[str, Any], keep: tuple[str, ...], colum
     if layout["format"] == "jsonl":
         return ray.data.read_text(paths)
     wanted = list(dict.fromkeys([layout["list_column"], *layout["numeric_columns"], *keep]))
-    return ray.data.read_parquet(paths, columns=[c for c in wanted if c])
+    # select_columns is pushed down into the read (read_parquet's columns= is deprecated)
+    return ray.data.read_parquet(paths).select_columns([c for c in wanted if c])
 
 
 @contextmanager
