@@ -268,3 +268,17 @@ def test_memory_stays_flat_as_the_input_grows(
     print(f"{layout}: peak RSS {small:.0f} MiB small, {large:.0f} MiB 10x larger")
     assert large <= 1.2 * small, (small, large)
     assert growth < limit_mib, f"peak RSS grew by {growth:.0f} MiB from a 10x larger input"
+
+
+def test_readme_offline_commands_use_real_flags() -> None:
+    from oodmon.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Score logs offline", 1)[1].split("\n## ", 1)[0]
+    commands = [line for line in section.splitlines() if line.startswith("oodmon score ")]
+    assert len(commands) == 7
+    parser = build_parser()
+    for command in commands:
+        args = parser.parse_args(command.split()[1:])  # exits (fails) on an unknown flag
+        assert args.detector == "detector.json"
+    assert "Score logs offline" in readme.split("## Metrics", 1)[0]
