@@ -27,7 +27,7 @@ import numpy as np
 
 from oodmon.detector import Detector
 from oodmon.offline.fdr import bh_cutoff, p_value_counts
-from oodmon.offline.readers import ParquetReader, _files, default_batch_rows, input_format
+from oodmon.offline.readers import ParquetReader, default_batch_rows, input_files, input_format
 from oodmon.offline.records import decode_lines
 from oodmon.offline.rows import (
     ColumnChoice,
@@ -188,7 +188,7 @@ def score_with_ray(
         flagged=flagged,
         invalid=sum(reasons.values()),
         invalid_reasons=reasons,
-        skipped=0,
+        skipped=None,
         alpha=None if fdr is not None else detector.alpha,
         fdr=fdr,
         p_cutoff=cutoff,
@@ -218,7 +218,9 @@ def _plan(
             raise UnreadableInputError(f"outputs file not found: {path}")
         kind = input_format(path, fmt)
         paths = (
-            [str(p.resolve()) for p in _files(path, kind)] if kind in ("parquet", "jsonl") else []
+            [str(p.resolve()) for p in input_files(path, kind)]
+            if kind in ("parquet", "jsonl")
+            else []
         )
     if kind == "jsonl":
         if len(columns) > 1:
@@ -264,7 +266,10 @@ def _ray(address: str | None) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    ray.init(address=address, include_dashboard=False)
+    if address is None:  # a local Ray for this run; no dashboard to start
+        ray.init(include_dashboard=False)
+    else:
+        ray.init(address=address)
     try:
         yield
     finally:

@@ -31,6 +31,7 @@ __all__ = [
     "ParquetReader",
     "TableReader",
     "default_batch_rows",
+    "input_files",
     "input_format",
     "load_pt",
     "open_reader",
@@ -122,7 +123,7 @@ def open_reader(
             f"but got {','.join(keep)}; use Parquet or JSON Lines to carry ids along."
         )
     if kind == "parquet":
-        return ParquetReader(_files(path, kind), width, columns, keep, rows)
+        return ParquetReader(input_files(path, kind), width, columns, keep, rows)
     if kind == "jsonl":
         tensor = columns[0] if columns else None
         if columns and len(columns) > 1:
@@ -130,13 +131,14 @@ def open_reader(
                 "Expected at most one --columns name for JSON Lines (the OIP output tensor to "
                 f"score), but got {','.join(columns)}."
             )
-        return JsonLinesReader(_files(path, kind), width, keep, rows, tensor)
+        return JsonLinesReader(input_files(path, kind), width, keep, rows, tensor)
     if kind == "npy":
         return NpyReader(_single(path, kind), width, rows)
     return ArrayReader(load_pt(_single(path, kind), key), width, rows, where=str(path))
 
 
-def _files(path: Path, kind: str) -> list[Path]:
+def input_files(path: Path, kind: str) -> list[Path]:
+    """The file itself, or a directory's files of the format, in name order."""
     if path.is_file():
         return [path]
     files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix in INPUT_FORMATS[kind])

@@ -19,6 +19,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from oodmon.detector import Detector
+from oodmon.errors import NotFittedError
 from oodmon.offline._pipeline import BackgroundConsumer, prefetch
 from oodmon.offline.fdr import bh_cutoff, p_value_counts
 from oodmon.offline.readers import TableReader, open_reader
@@ -39,7 +40,8 @@ class ScoreSummary:
         rows: verdict rows written (valid and invalid).
         flagged: rows flagged OOD (``p_value <= alpha``, or the BH cut with ``fdr``).
         invalid: rows that could not be scored; ``invalid_reasons`` counts them per reason.
-        skipped: JSON Lines records that carry no outputs (request events), not rows.
+        skipped: JSON Lines records that carry no outputs (request events), not rows
+            (None with Ray, which does not count them).
         alpha: the false-alarm rate used (None when ``fdr`` chose the flags).
         fdr: the false discovery rate, if Benjamini-Hochberg chose the flags.
         p_cutoff: the BH cut: flagged iff ``p_value <= p_cutoff`` (None without ``fdr``).
@@ -52,7 +54,7 @@ class ScoreSummary:
     flagged: int
     invalid: int
     invalid_reasons: dict[str, int] = field(default_factory=dict)
-    skipped: int = 0
+    skipped: int | None = 0
     alpha: float | None = None
     fdr: float | None = None
     p_cutoff: float | None = None
@@ -199,7 +201,11 @@ def _bh_pass(reader: TableReader, detector: Detector, fdr: float, progress: bool
 def load_detector(detector: Detector | str | os.PathLike[str]) -> Detector:
     """A fitted Detector, or one loaded from its JSON."""
     if isinstance(detector, Detector):
-        detector._require_fitted("score_table")
+        if not detector.is_fitted:
+            raise NotFittedError(
+                "This Detector is not fitted yet: call `fit(id_outputs)` or "
+                "`Detector.load(path)` before `score_table`."
+            )
         return detector
     file = Path(detector)
     if not file.is_file():
