@@ -9,6 +9,7 @@ from oodmon.label_queue import LabelQueue, QueueItem, QueueWriter
 from oodmon.metrics import PrometheusMetrics, serve
 from oodmon.monitor import Monitor, MonitorStats
 from oodmon.ocs import OCS, reward_targets
+from oodmon.offline import score_table
 from oodmon.scores import SCORES, distance
 from oodmon.verdict import HostVerdict, Observation, Verdict
 from oodmon.wrap import wrap
@@ -35,6 +36,7 @@ __all__ = [
     "__version__",
     "distance",
     "reward_targets",
+    "score_table",
     "serve",
     "wrap",
 ]

@@ -37,6 +37,7 @@ LAYER_OF = {
     "oodmon.oip": "integration",
     "oodmon.events": "integration",
     "oodmon.sidecar": "integration",
+    "oodmon.offline": "integration",
     "oodmon.cli": "face",
     "oodmon.demo": "face",
     "oodmon": "face",  # the package's __init__: the public API re-exports every layer

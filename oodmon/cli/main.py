@@ -8,12 +8,11 @@ never a traceback (``--debug`` shows it).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,8 +23,8 @@ from oodmon.cli import sidecar as sidecar_commands
 from oodmon.detector import Detector
 from oodmon.errors import OodmonError
 from oodmon.ocs import LOSSES, OCS
+from oodmon.offline import score_table
 from oodmon.scores import INPUT_KINDS, SCORES
-from oodmon.verdict import HostVerdict
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -152,54 +151,37 @@ def load_detector(path: str) -> Detector:
 def cmd_score(args: argparse.Namespace) -> int:
     """``oodmon score``: one verdict per row of saved outputs, as CSV or JSON Lines."""
     detector = load_detector(args.detector)
-    if args.alpha is not None:
-        detector = detector.with_alpha(args.alpha)
-    outputs = load_array(args.outputs, "outputs", args.key)
-    host = detector.predict(outputs).to_host()
-    fmt = args.format or ("jsonl" if args.output and args.output.endswith(".jsonl") else "csv")
+    summary = score_table(
+        args.outputs,
+        detector,
+        args.output,
+        columns=args.columns,
+        keep=args.keep,
+        key=args.key,
+        input_format=args.input_format,
+        output_format=args.format,
+        batch_rows=args.batch_rows,
+        alpha=args.alpha,
+        fdr=args.fdr,
+        progress=not args.no_progress,
+        engine=args.engine,
+        ray_address=args.ray_address,
+        concurrency=args.concurrency,
+    )
     if args.output:
-        with open(args.output, "w", newline="") as stream:
-            write_verdicts(host, stream, fmt)
+        rule = (
+            f"BH at FDR {summary.fdr:g}: p_value <= {summary.p_cutoff:.6g}"
+            if summary.fdr is not None
+            else f"alpha {summary.alpha:g}"
+        )
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary.invalid_reasons.items()))
+        skipped = f"; {summary.skipped} records without outputs skipped" if summary.skipped else ""
         print(
-            f"wrote {len(host)} verdicts to {args.output}: {int(host.flag.sum())} flagged, "
-            f"{int(host.invalid.sum())} invalid (alpha {detector.alpha:g})",
+            f"wrote {summary.rows} verdicts to {args.output}: {summary.flagged} flagged, "
+            f"{summary.invalid} invalid{f' ({reasons})' if reasons else ''} ({rule}){skipped}",
             file=sys.stderr,
         )
-    else:
-        write_verdicts(host, sys.stdout, fmt)
     return EXIT_OK
-
-
-VERDICT_COLUMNS = ("index", "score", "distance", "p_value", "flag", "invalid", "predicted")
-
-
-def write_verdicts(host: HostVerdict, stream: TextIO, fmt: str) -> None:
-    """Write one row per sample as CSV (with a header) or JSON lines; NaN becomes empty/null."""
-
-    def value(array: np.ndarray, i: int) -> Any:
-        item = array[i].item()
-        return None if isinstance(item, float) and np.isnan(item) else item
-
-    rows = (
-        {
-            "index": i,
-            "score": value(host.score, i),
-            "distance": value(host.distance, i),
-            "p_value": value(host.p_value, i),
-            "flag": bool(host.flag[i]),
-            "invalid": bool(host.invalid[i]),
-            "predicted": int(host.predicted[i]),
-        }
-        for i in range(len(host))
-    )
-    if fmt == "jsonl":
-        for row in rows:
-            stream.write(json.dumps(row) + "\n")
-        return
-    writer = csv.DictWriter(stream, fieldnames=VERDICT_COLUMNS)
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: "" if v is None else v for k, v in row.items()})
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -287,15 +269,61 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = sub.add_parser(
         "score",
-        help="score saved outputs with a Detector",
-        description="Score saved model outputs with a Detector; write one verdict per row.",
+        help="score saved or logged outputs with a Detector",
+        description="Score model outputs with a Detector; write one verdict per row "
+        "(index, --keep columns, score, distance, p_value, flag, invalid, invalid_reason, "
+        "predicted). Streams: memory stays flat however large the input. Reads Parquet (a list "
+        "column of K numbers, or K numeric columns), JSON Lines (one OIP response, KServe v1 "
+        "reply or KServe payload-log CloudEvent per line, or {\"outputs\": [...]} rows), "
+        ".npy and .pt. Rows that cannot be read or scored are written with invalid=true and a "
+        "reason, never dropped; an input that cannot be read at all exits 2.",
+        epilog="--fdr Q: Benjamini-Hochberg over the WHOLE input (both engines): the input is "
+        "read and scored twice, first to count rows per p-value level (n_calibration + 1 "
+        "integers, whatever the input size), then to write the flags. --engine ray writes a "
+        "directory of Parquet files in input order, without the index column (use --keep).",
     )
     score.add_argument("--detector", required=True, help="Detector JSON from `oodmon calibrate`")
-    score.add_argument("--outputs", required=True, help="model outputs [N, K] (.pt or .npy)")
+    score.add_argument(
+        "--outputs",
+        required=True,
+        help="model outputs: .parquet, .jsonl, .npy or .pt (or a directory of one format)",
+    )
     score.add_argument("--key", help="entry to use when a .pt file holds a dict")
+    score.add_argument(
+        "--input-format", choices=["parquet", "jsonl", "npy", "pt"], help="default: from suffix"
+    )
+    score.add_argument(
+        "--columns",
+        help="Parquet: the list column, K numeric columns a,b,c or a prefix like logit_*; "
+        "JSON Lines: the OIP output tensor (default: the only one)",
+    )
+    score.add_argument("--keep", help="input columns to copy to the output, e.g. id,timestamp")
     score.add_argument("--alpha", type=float, help="override the detector's alpha")
-    score.add_argument("--format", choices=["csv", "jsonl"], help="default: from -o, else csv")
-    score.add_argument("-o", "--output", help="file to write (default: stdout)")
+    score.add_argument(
+        "--fdr",
+        type=float,
+        metavar="Q",
+        help="flag by Benjamini-Hochberg at false discovery rate Q over the whole input, "
+        "instead of p_value <= alpha (reads the input twice; see below)",
+    )
+    score.add_argument(
+        "--format",
+        choices=["csv", "jsonl", "parquet"],
+        help="default: from -o, else csv",
+    )
+    score.add_argument("-o", "--output", help="file to write (default: stdout; Ray: a directory)")
+    score.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: this process; ray: Ray Data (pip install 'oodmon[ray]')",
+    )
+    score.add_argument(
+        "--ray-address", help="Ray cluster to join, e.g. ray://head:10001 (default: start one)"
+    )
+    score.add_argument("--concurrency", type=int, help="Ray scoring workers (default: CPUs)")
+    score.add_argument("--batch-rows", type=int, help="rows per batch (default: ~16 MiB)")
+    score.add_argument("--no-progress", action="store_true", help="no progress bar")
     score.set_defaults(handler=cmd_score)
 
     inspect = sub.add_parser(
