@@ -119,6 +119,7 @@ _SINGLE_PASS = {
 
 def _logit_batch(style: str, k: int, ocs: OCS, gen: torch.Generator) -> torch.Tensor:
     z = torch.randn(128, k, generator=gen, dtype=torch.float64)
+    assert (128 * k >= S._SINGLE_PASS_MIN_ELEMENTS) == (k == 1000)
     if style == "extreme":  # near one-hot rows, logits in the hundreds
         z = z * 300
     elif style == "shifted":  # a large constant on every logit must not cost precision
@@ -146,7 +147,7 @@ def test_single_pass_scores_match_a_float64_reference(
         counts = counts * 10**9
         counts[0] = 1
     ocs = OCS.cross_entropy(counts=counts, floor=1e-12)
-    z = _logit_batch(style, k, ocs, gen)
+    z = _logit_batch(style, k, ocs, gen)  # k=1000: the single-pass branch; 2, 10: log_softmax
     z[5, 0] = float("-inf")  # a -inf logit makes its row invalid, as any non-finite value
     temperature = 2.5 if name == "energy" and style == "normal" else 1.0
     got = _SINGLE_PASS[name](z, ocs, temperature)
