@@ -114,6 +114,36 @@ def _zero_log0(log_p: Tensor, kind: str) -> Tensor:
     return torch.where(torch.isneginf(log_p), torch.zeros_like(log_p), log_p)
 
 
+#: Below this many elements a batch is cheaper through log_softmax (fewer kernel launches,
+#: which dominate small batches) than through the single exponentiation pass; above it, the
+#: passes over memory dominate. Measured crossover on CPU: 256 x 10 is 20% faster the first
+#: way, 1024 x 1000 30% faster the second.
+_SINGLE_PASS_MIN_ELEMENTS = 32_768
+
+
+def _centred_exp(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``d = z - max_k z_k``, ``e = exp(d)`` (``[N, K]``) and ``s = sum_k e_k`` (``[N]``).
+
+    The one exponentiation pass of the logit scores. Everything is relative to the row's
+    maximum, so float32 results do not depend on a constant added to the logits (a
+    ``p . z - max z`` formula would lose about ``eps * |max z|`` to cancellation), and
+    ``log s`` lies in ``[0, log K]``. ``d`` is the caller's to overwrite.
+    """
+    d = z - z.amax(dim=-1, keepdim=True)
+    e = torch.exp(d)
+    return d, e, e.sum(dim=-1)
+
+
+def _log_sum_exp(z: Tensor) -> Tensor:
+    """``logsumexp(z)`` over the last dimension from one fused softmax pass.
+
+    The largest probability is ``exp(0) / s`` with ``s = sum_k exp(z_k - max z)``, so
+    ``logsumexp(z) = max z + log s = max z - log(max_k p_k)``: one softmax kernel and two
+    row maxima, where ``torch.logsumexp`` takes four passes and an ``[N, K]`` temporary.
+    """
+    return z.amax(dim=-1).sub_(torch.log(torch.softmax(z, dim=-1).amax(dim=-1)))
+
+
 def _invalidate(score: Tensor, x: Tensor, kind: str = "logits") -> Tensor:
     """NaN where a row of ``x`` holds NaN or inf; other rows unchanged, no host sync.
 
@@ -148,7 +178,12 @@ def msp(outputs: Tensor, kind: InputKind = "logits") -> Tensor:
 
 
 def _msp(x: Tensor, kind: str) -> Tensor:
-    top = x.amax(dim=-1) if kind == "probs" else _log_probs(x, kind).amax(dim=-1).exp()
+    if kind == "logits":
+        top = torch.softmax(x, dim=-1).amax(dim=-1)  # one fused pass, like log_softmax
+    elif kind == "probs":
+        top = x.amax(dim=-1)
+    else:
+        top = x.amax(dim=-1).exp()
     return _invalidate(-top, x, kind)
 
 
@@ -178,7 +213,7 @@ def energy(outputs: Tensor, temperature: float = 1.0) -> Tensor:
 
 def _energy(x: Tensor, temperature: float) -> Tensor:
     scaled = x if temperature == 1.0 else x / temperature
-    return _invalidate(-temperature * torch.logsumexp(scaled, dim=-1), x)
+    return _invalidate(_log_sum_exp(scaled).mul_(-temperature), x)
 
 
 def entropy(outputs: Tensor, kind: InputKind = "logits") -> Tensor:
@@ -192,6 +227,11 @@ def entropy(outputs: Tensor, kind: InputKind = "logits") -> Tensor:
 
 
 def _entropy(x: Tensor, kind: str) -> Tensor:
+    if kind == "logits" and x.numel() >= _SINGLE_PASS_MIN_ELEMENTS:
+        # H = log s - sum_k e_k d_k / s: both terms are >= 0, so nothing cancels
+        d, e, s = _centred_exp(x)
+        h = torch.log(s).sub_(d.mul_(e).sum(dim=-1).div_(s))
+        return _invalidate(h, x)
     log_p = _log_probs(x, kind)
     p = x if kind == "probs" else log_p.exp()
     h = -torch.linalg.vecdot(p, _zero_log0(log_p, kind))
@@ -220,18 +260,26 @@ def kl_to_ocs(outputs: Tensor, ocs: OCS, kind: InputKind = "logits") -> Tensor:
 
 
 def _kl_to_ocs(x: Tensor, ocs: OCS, kind: str) -> Tensor:
+    log_pi = ocs.constant_on("log_target", x.device, x.dtype)
+    if kind == "logits" and x.numel() >= _SINGLE_PASS_MIN_ELEMENTS:
+        # With d = z - max z, e = exp(d), s = sum e:
+        # KL = sum_k e_k (d_k - log pi_k) / s - log s  (one exponentiation, no log-softmax)
+        d, e, s = _centred_exp(x)
+        cross = e @ log_pi  # a GEMV: no [N, K] temporary
+        kl = d.mul_(e).sum(dim=-1).sub_(cross).div_(s).sub_(torch.log(s))
+        return _invalidate(kl.clamp_min_(0.0), x)
     log_p = _log_probs(x, kind)
     p = x if kind == "probs" else log_p.exp()
-    log_pi = ocs.constant_on("log_target", x.device, x.dtype)
     # sum_k p_k (log p_k - log pi_k) = p . log p - p @ log pi  (the GEMV avoids a [N, K] temp)
     kl = torch.linalg.vecdot(p, _zero_log0(log_p, kind)) - p @ log_pi
     return _invalidate(kl.clamp_min(0.0), x, kind)
 
 
 def reverse_kl_to_ocs(outputs: Tensor, ocs: OCS, kind: InputKind = "logits") -> Tensor:
-    """``KL(pi || p(x))`` in nats, the reverse direction; needs only one logsumexp and a GEMV.
+    """``KL(pi || p(x))`` in nats, the reverse direction: one log-softmax pass and a GEMV.
 
-    From logits: ``logsumexp(z) - z @ pi - H(pi)``.
+    ``sum_k pi_k log pi_k - log p(x) @ pi``; from logits ``log p = log_softmax(z)``, which
+    equals ``logsumexp(z) - z @ pi - H(pi)`` without its cancellation for large logits.
     """
     _check_kind(kind)
     _require_loss(ocs, ("cross_entropy",), "reverse_kl_to_ocs")
@@ -240,12 +288,9 @@ def reverse_kl_to_ocs(outputs: Tensor, ocs: OCS, kind: InputKind = "logits") -> 
 
 def _reverse_kl_to_ocs(x: Tensor, ocs: OCS, kind: str) -> Tensor:
     pi = ocs.constant_on("target", x.device, x.dtype)
-    neg_entropy_pi = (pi * ocs.constant_on("log_target", x.device, x.dtype)).sum()
-    if kind == "logits":
-        kl = torch.logsumexp(x, dim=-1) - x @ pi + neg_entropy_pi
-    else:
-        kl = neg_entropy_pi - _log_probs(x, kind) @ pi
-    return _invalidate(kl.clamp_min(0.0), x, kind)
+    neg_entropy_pi = torch.dot(pi, ocs.constant_on("log_target", x.device, x.dtype))
+    kl = (_log_probs(x, kind) @ pi).neg_().add_(neg_entropy_pi)
+    return _invalidate(kl.clamp_min_(0.0), x, kind)
 
 
 def _bernoulli_kl_to_ocs(x: Tensor, ocs: OCS, kind: str) -> Tensor:

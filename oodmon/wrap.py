@@ -83,10 +83,15 @@ class MonitoredModel(nn.Module):
                 "(or wrap with monitor_training=True).",
             )
             return result
-        self._report(result, args)
+        if torch.compiler.is_compiling():
+            # Under torch.compile, report from outside the graph. Decided here, at call time:
+            # a `@torch.compiler.disable` decorator would import torch._dynamo (seconds) with
+            # oodmon, for every user, compiling or not.
+            torch.compiler.disable(self._report)(result, args)
+        else:
+            self._report(result, args)
         return result
 
-    @torch.compiler.disable
     def _report(self, result: Any, args: tuple[Any, ...]) -> None:
         try:
             logits = select_output(result, self._output)

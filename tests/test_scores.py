@@ -92,6 +92,79 @@ def test_mse_distance() -> None:
     torch.testing.assert_close(distance(out, ocs), torch.tensor([0.0, 2.0]))
 
 
+def _float64_reference(name: str, z: torch.Tensor, ocs: OCS, temperature: float) -> torch.Tensor:
+    """The textbook formulas in float64, independent of oodmon's single-pass arithmetic."""
+    z = z.double()
+    log_p = torch.log_softmax(z, -1)
+    p = log_p.exp()
+    pi, log_pi = ocs.target.double(), ocs.log_target.double()
+    formulas = {
+        "kl": lambda: (p * (log_p - log_pi)).sum(-1),
+        "reverse_kl": lambda: (pi * (log_pi - log_p)).sum(-1),
+        "entropy": lambda: -torch.xlogy(p, p).sum(-1),
+        "energy": lambda: -temperature * torch.logsumexp(z / temperature, -1),
+        "msp": lambda: -p.amax(-1),
+    }
+    return formulas[name]()
+
+
+_SINGLE_PASS = {
+    "kl": lambda z, ocs, t: S.kl_to_ocs(z, ocs),
+    "reverse_kl": lambda z, ocs, t: S.reverse_kl_to_ocs(z, ocs),
+    "entropy": lambda z, ocs, t: S.entropy(z),
+    "energy": lambda z, ocs, t: S.energy(z, t),
+    "msp": lambda z, ocs, t: S.msp(z),
+}
+
+
+def _logit_batch(style: str, k: int, ocs: OCS, gen: torch.Generator) -> torch.Tensor:
+    z = torch.randn(128, k, generator=gen, dtype=torch.float64)
+    assert (128 * k >= S._SINGLE_PASS_MIN_ELEMENTS) == (k == 1000)
+    if style == "extreme":  # near one-hot rows, logits in the hundreds
+        z = z * 300
+    elif style == "shifted":  # a large constant on every logit must not cost precision
+        z = z * 3 + 1000
+    elif style == "near_ocs":  # distances of 1e-7..1e-3 nats: where cancellation would show
+        z = ocs.log_target + 1e-3 * z + 7
+    elif style == "peaked":
+        z = z * 3
+        z[:, 0] += 40
+    else:
+        z = z * 3
+    return z.float()
+
+
+@pytest.mark.parametrize("name", sorted(_SINGLE_PASS))
+@pytest.mark.parametrize("k", [2, 10, 1000])
+@pytest.mark.parametrize("style", ["normal", "extreme", "shifted", "near_ocs", "peaked"])
+@pytest.mark.parametrize("prior", ["random", "tiny"])
+def test_single_pass_scores_match_a_float64_reference(
+    name: str, k: int, style: str, prior: str
+) -> None:
+    gen = torch.Generator().manual_seed(k * 7 + len(style))
+    counts = torch.randint(1, 100, (k,), generator=gen)
+    if prior == "tiny":  # one class at pi ~ 1e-11, kept by a low floor
+        counts = counts * 10**9
+        counts[0] = 1
+    ocs = OCS.cross_entropy(counts=counts, floor=1e-12)
+    z = _logit_batch(style, k, ocs, gen)  # k=1000: the single-pass branch; 2, 10: log_softmax
+    z[5, 0] = float("-inf")  # a -inf logit makes its row invalid, as any non-finite value
+    temperature = 2.5 if name == "energy" and style == "normal" else 1.0
+    got = _SINGLE_PASS[name](z, ocs, temperature)
+    expected = _float64_reference(name, z, ocs, temperature)
+    assert got.dtype == torch.float32
+    assert torch.isnan(got[5])
+    keep = torch.arange(len(z)) != 5
+    # float32 keeps 1e-5 relative; where the value itself is ~1e-6 nats (at the OCS) the
+    # floor is a few float32 ulps of log K + log(1 / pi_min), as for the two-pass formulas
+    torch.testing.assert_close(got[keep].double(), expected[keep], rtol=1e-5, atol=5e-6)
+    # float64 inputs give float64 results to float64 precision
+    torch.testing.assert_close(
+        _SINGLE_PASS[name](z.double(), ocs, temperature)[keep], expected[keep],
+        rtol=1e-10, atol=1e-10,
+    )  # fmt: skip
+
+
 # ---------------------------------------------------------------- sign contract
 
 

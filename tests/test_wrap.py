@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import subprocess
+import sys
 import threading
 import weakref
 
@@ -264,6 +266,36 @@ def test_compiled_models(ocs) -> None:  # type: ignore[no-untyped-def]
         torch.testing.assert_close(outer(x), model(x))
     stats = monitor.stats()
     assert stats.seen == 16 and stats.errors_total == 0
+
+
+def test_compiled_wrapper_reports_from_outside_the_graph(ocs) -> None:  # type: ignore[no-untyped-def]
+    """The ``is_compiling()`` branch: dynamo traces the forward, the report runs eagerly."""
+    model = SmallCNN().eval()
+    monitor = calibrated_monitor(model, images, ocs, strict=True)
+    seen_while_compiling: list[bool] = []
+    report = monitor.submit
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen_while_compiling.append(torch.compiler.is_compiling())
+        report(*args, **kwargs)
+
+    monitor.submit = spy  # type: ignore[method-assign]
+    outer = torch.compile(wrap(model, monitor), backend="eager")
+    x = images(4)
+    with torch.no_grad():
+        for _ in range(3):
+            assert torch.equal(outer(x), model(x))
+    assert seen_while_compiling == [False] * 3  # reported three times, never inside a graph
+    assert monitor.stats().seen == 12
+
+
+def test_importing_oodmon_leaves_torch_dynamo_unloaded() -> None:
+    # torch._dynamo costs seconds to import; only torch.compile users should pay for it
+    code = "import sys, oodmon; print(sorted(m for m in sys.modules if 'torch._dynamo' in m))"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    )
+    assert out.stdout.strip() == "[]"
 
 
 def test_eight_threads_add_up_exactly(ocs) -> None:  # type: ignore[no-untyped-def]
