@@ -303,6 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     queue_cli.register(sub)
 
+    from oodmon import consume_cli
+
+    consume_cli.register(sub)
+
     from oodmon.demo import add_demo_arguments
 
     demo = sub.add_parser(
