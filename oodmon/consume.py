@@ -99,6 +99,13 @@ _SELDON_TOPIC = re.compile(
     r"^seldon\.(?P<namespace>[^.]+)\.model\.(?P<model>[^.]+)\.(?P<kind>inputs|outputs)$"
 )
 _REQUEST_ID_HEADERS = ("x-request-id", "ce_id")
+#: oodmon.events' refusal reasons in the consumer's words.
+_EVENT_REASONS = {
+    "malformed_json": "not_json",
+    "missing_attribute": "missing_headers",
+    "invalid_event": "bad_event",
+    "unknown_type": "unknown_type",
+}
 
 #: The consumer's own metric families, beside the Monitor's (:data:`oodmon.metrics.METRICS`).
 CONSUMER_METRICS: tuple[MetricSpec, ...] = (
@@ -210,23 +217,15 @@ def decode_message(
         if event_id is None and key:
             event_id = key.decode("utf-8", "replace")
         return _payload_event(kind, body, event_id or coordinates, model, output)
-    structured = header_map.get("content-type", b"").startswith(b"application/cloudevents")
-    if not structured and not any(name.startswith("ce_") for name in header_map):
-        return Rejected(
-            "missing_headers",
-            "Expected a CloudEvent (ce_specversion, ce_id, ce_type, ce_source headers, or "
-            "content-type application/cloudevents+json) or a Seldon topic "
-            "seldon.<namespace>.model.<name>.inputs|outputs, but the message has headers "
-            f"{sorted(header_map)[:8]} on topic {topic!r}.",
-        )
     try:
         event = decode_event(header_map, value or b"", header_prefix="ce_")
     except EventError as err:
-        return Rejected(err.reason if err.reason in REJECT_REASONS else "bad_event", str(err))
-    event_kind: Literal["request", "response"] = (
-        "request" if event.kind == "request" else "response"
+        return Rejected(_EVENT_REASONS.get(err.reason, "bad_event"), str(err))
+    # KServe names the InferenceService in an extension: the model of a v1 payload
+    service = event.attributes.get("inferenceservicename")
+    return _payload_event(
+        event.kind, event.data, event.id or coordinates, None, output, str(service or "") or None
     )
-    return _payload_event(event_kind, event.data, event.id or coordinates, None, output)
 
 
 def _json(value: bytes | None) -> Any:
@@ -254,6 +253,7 @@ def _payload_event(
     event_id: str,
     model: str | None,
     output: str | None,
+    fallback_model: str | None = None,
 ) -> KafkaEvent | Rejected:
     try:
         if kind == "request":
@@ -270,7 +270,7 @@ def _payload_event(
     return KafkaEvent(
         kind=kind,
         id=event_id,
-        model=model or payload.model_name,
+        model=model or payload.model_name or fallback_model,
         version=payload.model_version,
         array=array,
     )
@@ -455,7 +455,7 @@ class ScoringConsumer:
         self._kafka = kafka
         self._consumer_factory = consumer_factory or kafka.Consumer
         self._producer_factory = producer_factory or kafka.Producer
-        self._join = JoinBuffer(config.join_entries, config.join_seconds)
+        self._join: JoinBuffer[np.ndarray] = JoinBuffer(config.join_entries, config.join_seconds)
         self._join_evicted = 0
         self._monitors: dict[tuple[str, str], Monitor] = {}
         self._flagged: list[Observation] = []
@@ -718,7 +718,7 @@ class ScoringConsumer:
         self.metrics.dead_letters.inc(len(rejected))
 
     def _count_evictions(self) -> None:
-        evicted = int(getattr(self._join, "evicted", 0))
+        evicted = sum(self._join.evicted.values())
         if evicted > self._join_evicted:
             self.metrics.join_evicted.inc(evicted - self._join_evicted)
             self._join_evicted = evicted
