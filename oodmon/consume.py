@@ -748,6 +748,9 @@ class ScoringConsumer:
         self._lag_at = 0.0
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        logger.info(
+            "oodmon consume: revoked %s", ", ".join(f"{p.topic}/{p.partition}" for p in partitions)
+        )
         for p in partitions:
             self.metrics.forget_partition(p.topic, p.partition)
 
