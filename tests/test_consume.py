@@ -45,8 +45,8 @@ if os.environ.get("CI"):
 else:
     pytest.importorskip("confluent_kafka", reason="pip install 'oodmon[kafka]'")
 
-import kafka_mock  # noqa: E402  (imports confluent_kafka)
-from kafka_mock import FAST_GROUP, MockCluster, ce_headers, request_event, response_event  # noqa: E402
+import kafka_mock
+from kafka_mock import FAST_GROUP, MockCluster, ce_headers, request_event, response_event
 
 REPO = Path(__file__).resolve().parents[1]
 TOPIC = "payload-logs"
@@ -67,8 +67,9 @@ def poison_messages() -> list[tuple[str, tuple[bytes | None, bytes | None, Any]]
     return [
         ("not_json", (b"p1", b"\x08\x01protobuf?", ce_headers("p1", "response"))),
         ("missing_headers", (b"p2", b'{"outputs": []}', [("ce_id", b"p2")])),
-        ("unknown_type", (b"p3", b"{}", ce_headers("p3", "request")[:2] + [
-            ("ce_type", b"com.example.other"), ("ce_source", b"x")])),
+        ("unknown_type", (b"p3", b"{}", [
+            *ce_headers("p3", "request")[:2], ("ce_type", b"com.example.other"),
+            ("ce_source", b"x")])),
         ("bad_payload", (b"p4", b'{"no": "outputs"}', ce_headers("p4", "response"))),
         ("wrong_shape", (b"p5", json.dumps(wide).encode(), ce_headers("p5", "response"))),
     ]  # fmt: skip
@@ -249,8 +250,9 @@ def test_poison_is_counted_dead_lettered_unchanged_and_committed(
     consumer = ScoringConsumer(config)
     stop, thread, errors = start(consumer)
     try:
+        total = len(poison) + 40
         wait_for("every message", lambda: sample(
-            consumer, "oodmon_consumer_messages_total", topic=topic) >= len(poison) + 40)  # fmt: skip
+            consumer, "oodmon_consumer_messages_total", topic=topic) >= total)  # fmt: skip
     finally:
         stop.set()
         thread.join(30)
@@ -389,7 +391,7 @@ class ConsumerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(10)
-            raise AssertionError(f"consumer did not stop on {sig}: {self.log.read_text()}")
+            raise AssertionError(f"no stop on {sig}: {self.log.read_text()}") from None
 
 
 @pytest.fixture
