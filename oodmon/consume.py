@@ -484,21 +484,31 @@ class ScoringConsumer:
             QueueRefusedError: the label queue kept refusing a batch until ``stop`` was set,
                 or refused it for good (that batch is not committed: it is read again).
         """
+        self.open()
+        try:
+            while not stop.is_set() and (max_batches is None or self.batches < max_batches):
+                self.poll_once(stop)
+        finally:
+            self.close()
+        return self.batches
+
+    def open(self) -> None:
+        """Create the Kafka clients and join the group (partitions come with the polls)."""
         self._consumer = self._consumer_factory(self.config.consumer_settings())
         if self.config.dead_letter_topic is not None:
             self._producer = self._producer_factory(self.config.producer_settings())
         self._consumer.subscribe(
             list(self.config.topics), on_assign=self._on_assign, on_revoke=self._on_revoke
         )
-        try:
-            while not stop.is_set() and (max_batches is None or self.batches < max_batches):
-                messages = self._consumer.consume(self.config.max_poll, self.config.poll_timeout)
-                if messages:
-                    self.process(messages, stop)
-                self._update_lag()
-        finally:
-            self.close()
-        return self.batches
+
+    def poll_once(self, stop: threading.Event | None = None) -> BatchResult | None:
+        """Poll one batch, process and commit it; None when the poll brought nothing."""
+        if self._consumer is None:
+            raise RuntimeError("Expected open() before poll_once(), but the consumer is closed.")
+        messages = self._consumer.consume(self.config.max_poll, self.config.poll_timeout)
+        result = self.process(messages, stop) if messages else None
+        self._update_lag()
+        return result
 
     def close(self) -> None:
         """Leave the group (its partitions move to the others at once) and release all."""
