@@ -160,15 +160,11 @@ def worker(args: argparse.Namespace) -> None:
 def time_group(cluster: MockCluster, members: int, shape: Shape, queue: Path) -> float:
     topic = f"group{members}-{time.monotonic_ns()}"
     cluster.create_topic(topic)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--worker", "--bootstrap", cluster.bootstrap,
-             "--topic", topic, "--group", topic, "--classes", str(shape.classes),
-             "--queue", str(queue)],
-            stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        for _ in range(members)
-    ]
+    command = [
+        sys.executable, __file__, "--worker", "--bootstrap", cluster.bootstrap, "--topic", topic,
+        "--group", topic, "--classes", str(shape.classes), "--queue", str(queue),
+    ]  # fmt: skip
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(members)]
     latest = [0] * members
 
     def read(i: int, out: list[dict[str, int]]) -> None:
