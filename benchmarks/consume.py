@@ -84,7 +84,7 @@ def time_bare(cluster: MockCluster, topic: str, n: int) -> float:
     )
     consumer.subscribe([topic])
     seen, start = 0, None
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 120
     while seen < n and time.monotonic() < deadline:
         messages = consumer.consume(500, 0.5)
         if messages and start is None:
@@ -108,14 +108,15 @@ def time_full(cluster: MockCluster, topic: str, n: int, det: Detector, queue: Pa
     consumer = ScoringConsumer(config)
     consumer.open()
     seen, start = 0, None
-    deadline = time.monotonic() + 600
+    deadline = time.monotonic() + 120
     try:
         while seen < n and time.monotonic() < deadline:
-            result = consumer.poll_once()
-            if result is not None:
+            # the clock starts where time_bare's does: when the first poll brought messages
+            messages = consumer._consumer.consume(config.max_poll, config.poll_timeout)
+            if messages:
                 if start is None:
                     start = time.perf_counter()
-                seen += result.messages
+                seen += consumer.process(messages).messages
     finally:
         elapsed = time.perf_counter() - (start or time.perf_counter())
         consumer.close()
@@ -140,19 +141,18 @@ def worker(args: argparse.Namespace) -> None:
     seen = 0
     idle_since = time.monotonic()
     while True:
-        result = consumer.poll_once()
+        messages = consumer._consumer.consume(config.max_poll, config.poll_timeout)
         assigned = consumer._consumer.assignment()
         print(json.dumps({"assigned": len(assigned)}), flush=True)
-        if result is None:
+        if not messages:
             # done: messages came and then nothing for 3 s
             if first is not None and time.monotonic() - idle_since > 3:
                 break
             continue
+        first = first or time.time_ns()  # wall clock: comparable across processes
+        seen += consumer.process(messages).messages
         idle_since = time.monotonic()
-        now = time.perf_counter_ns()
-        first = first or now
-        last = now
-        seen += result.messages
+        last = time.time_ns()
     consumer.close()
     print(json.dumps({"first": first, "last": last, "seen": seen}), flush=True)
 
@@ -214,7 +214,9 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     scale = 0.25 if args.quick else 1.0
-    shapes = [Shape(1, 10, int(20_000 * scale)), Shape(32, 1000, int(400 * scale))]
+    # 40 large messages (8 MB): on librdkafka's mock cluster, longer runs of ~200 KB messages
+    # stall a few messages short of the end (a mock limit; not seen with small messages)
+    shapes = [Shape(1, 10, int(10_000 * scale)), Shape(32, 1000, 40)]
     cluster = MockCluster()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -233,7 +235,7 @@ def main() -> None:
                 f"| {shape.name} | {n} | {n / bare:,.0f} | {n / full:,.0f} | "
                 f"{n * shape.rows / full:,.0f} | {full / bare:.2f}x |"
             )
-        small = Shape(1, 10, int(20_000 * scale))
+        small = Shape(1, 10, int(10_000 * scale))
         one = time_group(cluster, 1, small, Path(tmp) / "g1.db")
         two = time_group(cluster, 2, small, Path(tmp) / "g2.db")
         print()
