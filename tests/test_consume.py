@@ -493,8 +493,8 @@ def test_sigkill_mid_stream_the_survivor_takes_over_and_nothing_is_lost(
     assert survivor.partitions() == {0, 1, 2, 3}
     survivor_messages = survivor.scrape("oodmon_consumer_messages_total")
     committed_by_victim = sum(max(at_kill[p], 0) for p in owned)
-    # the survivor read its own partitions and everything the victim had not committed
-    assert survivor_messages == n - committed_by_victim
+    # the survivor read its own partitions and everything the victim had not committed (more
+    # only if a commit was refused during the rebalance: at least once, never less)
     assert survivor_messages + committed_by_victim >= n
     with LabelQueue(queue, read_only=True) as q:
         ids = [item.id for item in q.items(limit=None)]
