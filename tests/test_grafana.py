@@ -273,7 +273,7 @@ def test_rules_follow_conventions() -> None:
 def test_promtool_checks_the_rules() -> None:
     done = run_promtool(["check", "rules", str(ALERTS)])
     assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
-    assert b"SUCCESS: 8 rules found" in done.stdout
+    assert b"SUCCESS: 9 rules found" in done.stdout
 
 
 def test_promtool_unit_tests_pass() -> None:

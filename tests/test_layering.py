@@ -38,6 +38,7 @@ LAYER_OF = {
     "oodmon.events": "integration",
     "oodmon.sidecar": "integration",
     "oodmon.offline": "integration",
+    "oodmon.consume": "integration",
     "oodmon.cli": "face",
     "oodmon.demo": "face",
     "oodmon": "face",  # the package's __init__: the public API re-exports every layer

@@ -199,9 +199,10 @@ def test_rules_load_and_the_alerts_go_pending(live: dict[str, Any]) -> None:
     prom: PrometheusServer = live["prom"]
     groups = prom.api("rules")["groups"]
     rules = [rule for group in groups for rule in group["rules"]]
-    assert len(rules) == 8
+    assert len(rules) == 9
     assert all(rule["health"] == "ok" for rule in rules), rules
-    ratio = values(prom.query("model_version:oodmon_flagged:ratio_rate5m"))
+    flag_ratio = "model_version:oodmon_flagged:rate5m / model_version:oodmon_p_value_count:rate5m"
+    ratio = values(prom.query(flag_ratio))
     assert ratio and ratio[0] > 3 * ALPHA
 
     def active() -> set[str]:

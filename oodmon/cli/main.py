@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from oodmon import __version__
+from oodmon.cli import consume as consume_commands
 from oodmon.cli import queue as queue_commands
 from oodmon.cli import sidecar as sidecar_commands
 from oodmon.detector import Detector
@@ -337,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     queue_commands.register(sub)
     sidecar_commands.register(sub)
+    consume_commands.register(sub)
 
     from oodmon.demo import add_demo_arguments
 
