@@ -21,6 +21,8 @@ def p_value_counts(p_value: np.ndarray, n_calibration: int) -> np.ndarray:
     Args:
         p_value: ``[N]`` conformal p-values against ``n_calibration`` scores; NaN (invalid
             rows) are not counted, as BH leaves them out.
+        n_calibration: the number of calibration scores ``n``; p-values lie on the grid
+            ``(k + 1) / (n + 1)``.
 
     Returns:
         ``[n + 1]`` int64 counts; add them up over batches.

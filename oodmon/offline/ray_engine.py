@@ -77,6 +77,7 @@ class BatchScorer:
         self.p_cutoff, self.count_p_values = p_cutoff, count_p_values
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        """Score one Arrow batch: its verdict table, or its p-value level counts."""
         import pyarrow as pa
 
         rows = self._rows(table)
@@ -97,8 +98,10 @@ class BatchScorer:
 
 
 def worker_cpus(cluster_cpus: float, concurrency: int) -> float:
-    """CPUs to reserve per scoring actor: at most 1, leaving one CPU for Ray's read and write
-    tasks (on a 2-CPU machine two actors holding a CPU each would starve the reads forever).
+    """CPUs to reserve per scoring actor, at most 1.
+
+    One CPU is left for Ray's read and write tasks: on a 2-CPU machine two actors holding a
+    CPU each would starve the reads forever.
     """
     spare = cluster_cpus - 1
     if spare <= 0:

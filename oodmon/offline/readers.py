@@ -56,8 +56,10 @@ def default_batch_rows(width: int) -> int:
 
 
 class TableReader:
-    """Base of the readers: iterate for batches; ``total_rows`` (None if unknown up front)
-    feeds the progress bar; ``skipped`` counts records without outputs in the last pass.
+    """Base of the readers: iterate for batches.
+
+    ``total_rows`` (None if unknown up front) feeds the progress bar; ``skipped`` counts
+    records without outputs in the last pass.
     """
 
     width: int
@@ -100,8 +102,9 @@ def open_reader(
     batch_rows: int | None = None,
     fmt: str | None = None,
 ) -> TableReader:
-    """A reader for ``source``: a path (file, or directory of files of one format) or an
-    in-memory array/tensor ``[N, K]``.
+    """A reader for ``source``: a path or an in-memory array/tensor ``[N, K]``.
+
+    A path is a file, or a directory of files of one format.
 
     Raises:
         UnreadableInputError: no such file, an unreadable file, missing columns, wrong width.
@@ -177,8 +180,10 @@ def _as_float(block: np.ndarray) -> np.ndarray:
 
 
 class ParquetReader(TableReader):
-    """Parquet files read row group by row group; a row group that fails to decode becomes
-    its rows as ``unreadable`` invalid rows (the rest of the file is still scored).
+    """Parquet files read row group by row group.
+
+    A row group that fails to decode becomes its rows as ``unreadable`` invalid rows (the
+    rest of the file is still scored).
     """
 
     def __init__(
@@ -286,8 +291,10 @@ class JsonLinesReader(TableReader):
 
 
 class NpyReader(TableReader):
-    """A ``.npy`` file through a read-only memory map. Pages are released after each batch
-    (``MADV_DONTNEED``), so the resident set stays flat however large the file is.
+    """A ``.npy`` file through a read-only memory map.
+
+    Pages are released after each batch (``MADV_DONTNEED``), so the resident set stays flat
+    however large the file is.
     """
 
     def __init__(self, file: Path, width: int, batch_rows: int) -> None:

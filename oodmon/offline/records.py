@@ -33,8 +33,10 @@ _REQUEST_EVENT_SUFFIX = ".request"
 
 @dataclass(frozen=True)
 class DecodedLine:
-    """What one line gave: ``rows`` (``[m, K]``, NaN where invalid) and a reader reason for
-    all of them (None when read fine), or ``skipped`` for a line that holds no outputs.
+    """What one JSON line gave: its rows and their reader reason, or skipped.
+
+    ``rows`` is ``[m, K]``, NaN where invalid, and ``reason`` a reader reason for all of
+    them (None when read fine); ``skipped`` marks a line that holds no outputs.
     """
 
     rows: np.ndarray
@@ -100,8 +102,10 @@ def decode_lines(
 
 
 def keep_value(record: Mapping[str, Any] | None, name: str) -> Any:
-    """A passthrough value: the record's (or the CloudEvent's, then its payload's) field,
-    as a string unless it is one already (one stable type per column), or None if absent.
+    """A passthrough value: the record's field, as a string, or None if absent.
+
+    The field is looked up in the record (or the CloudEvent, then its payload), and made a
+    string unless it is one already (one stable type per column).
     """
     if record is None:
         return None
@@ -119,8 +123,10 @@ def keep_value(record: Mapping[str, Any] | None, name: str) -> Any:
 def _decode_payload(
     payload: dict[str, Any], record: dict[str, Any], width: int, tensor: str | None
 ) -> DecodedLine:
-    """THE place a JSON payload becomes rows: OIP and KServe v1 through :mod:`oodmon.oip`,
-    plain ``{"outputs": [numbers...]}`` rows here.
+    """THE place a JSON payload becomes rows.
+
+    OIP and KServe v1 go through :mod:`oodmon.oip`; plain ``{"outputs": [numbers...]}``
+    rows are read here.
     """
     import oodmon.oip as oip
 

@@ -53,8 +53,10 @@ def reason_code(reason: str) -> int:
 
 
 class UnreadableInputError(ValueError):
-    """An input that cannot be scored at all (exit code 2): no such file, a corrupt footer,
-    a column that does not exist, outputs of the wrong width for the whole file.
+    """An input that cannot be scored at all (exit code 2).
+
+    For example: no such file, a corrupt footer, a column that does not exist, outputs of
+    the wrong width for the whole file.
     """
 
 
@@ -99,6 +101,7 @@ class ColumnChoice:
 
     @property
     def names(self) -> tuple[str, ...]:
+        """The chosen column names: the list column, or else the numeric columns."""
         return (self.list_column,) if self.list_column else self.numeric_columns
 
 
@@ -178,8 +181,10 @@ def choose_columns(
 def rows_from_arrow(
     table: pa.Table | pa.RecordBatch, choice: ColumnChoice, width: int, keep: Sequence[str] = ()
 ) -> RowBatch:
-    """Turn the chosen columns of an Arrow table into a :class:`RowBatch` (zero-copy where the
-    layout allows: a list column without nulls and of the right width is one reshape).
+    """Turn the chosen columns of an Arrow table into a :class:`RowBatch`.
+
+    Zero-copy where the layout allows: a list column without nulls and of the right width
+    is one reshape.
     """
     n = table.num_rows
     if choice.list_column is not None:
@@ -243,8 +248,10 @@ def _one_chunk(column: Any) -> pa.Array:
 
 
 def _float_dtype(kind: pa.DataType) -> np.dtype[Any]:
-    """float32 and float64 stay as they are (scores are computed in the input's precision,
-    as the in-process Monitor does); half precision and integers widen.
+    """The float dtype to score an Arrow type in: float32 and float64 stay, the rest widen.
+
+    Scores are computed in the input's precision, as the in-process Monitor does; half
+    precision and integers widen.
     """
     import pyarrow as pa
 

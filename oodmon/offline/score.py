@@ -233,8 +233,10 @@ def _check_keep(keep: tuple[str, ...]) -> None:
 
 @contextlib.contextmanager
 def _progress(total: int | None, desc: str, enabled: bool) -> Iterator[Any]:
-    """A tqdm bar with rows/s on stderr; none when disabled, when stderr is not a terminal
-    (logs stay clean) or when tqdm is not installed (``pip install oodmon[offline]``).
+    """A tqdm bar with rows/s on stderr, or None.
+
+    None when disabled, when stderr is not a terminal (logs stay clean) or when tqdm is not
+    installed (``pip install oodmon[offline]``).
     """
     if not enabled:
         yield None

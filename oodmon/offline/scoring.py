@@ -31,7 +31,9 @@ _NONFINITE = reason_code("nonfinite")
 
 @dataclass(frozen=True)
 class ScoredBatch:
-    """A batch with its verdict. ``reasons`` are uint8 codes (0 = valid), see
+    """A batch with its verdict.
+
+    ``reasons`` are uint8 codes (0 = valid), see
     :data:`~oodmon.offline.rows.INVALID_REASONS`; ``keep`` the passthrough columns.
     """
 
@@ -43,12 +45,15 @@ class ScoredBatch:
         return len(self.verdict)
 
     def reason_counts(self) -> dict[str, int]:
+        """Invalid rows per reader reason, for the reasons that occur."""
         counts = np.bincount(self.reasons, minlength=len(INVALID_REASONS) + 1)
         return {name: int(counts[i + 1]) for i, name in enumerate(INVALID_REASONS) if counts[i + 1]}
 
     def to_arrow(self, first_index: int | None = None) -> pa.Table:
-        """The batch as an Arrow table: ``index`` (when ``first_index`` is given), the kept
-        columns, then :data:`VERDICT_COLUMNS`; NaN scores of invalid rows become nulls.
+        """The batch as an Arrow table.
+
+        Columns: ``index`` (when ``first_index`` is given), the kept columns, then
+        :data:`VERDICT_COLUMNS`; NaN scores of invalid rows become nulls.
         """
         import pyarrow as pa
 

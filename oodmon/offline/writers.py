@@ -195,8 +195,10 @@ def open_writer(
     keep: tuple[str, ...] = (),
     index: bool = True,
 ) -> VerdictWriter:
-    """A :class:`VerdictWriter` for ``destination`` (a path, or a text stream for CSV/JSONL);
-    ``keep`` and ``index`` shape the header of a file that receives no rows.
+    """A :class:`VerdictWriter` for ``destination``.
+
+    ``destination`` is a path, or a text stream for CSV/JSONL; ``keep`` and ``index`` shape
+    the header of a file that receives no rows.
     """
     return VerdictWriter(destination, fmt, keep, index)
 
