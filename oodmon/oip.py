@@ -105,14 +105,17 @@ class VerdictArrays(Protocol):
     def score(self) -> np.ndarray:
         """Per-row OOD score."""
         ...
+
     @property
     def distance(self) -> np.ndarray:
         """Per-row distance to the OCS."""
         ...
+
     @property
     def p_value(self) -> np.ndarray:
         """Per-row conformal p-value."""
         ...
+
     @property
     def flag(self) -> np.ndarray:
         """Per-row flag (p-value <= alpha)."""

@@ -158,8 +158,6 @@ def _invalidate(score: Tensor, x: Tensor, kind: str = "logits") -> Tensor:
     return score.add(x.sum(dim=-1), alpha=0)
 
 
-
-
 # ---------------------------------------------------------------------- baselines
 
 

@@ -84,6 +84,7 @@ def test_ray_matches_local_on_json_lines_with_fdr(
     detector: Detector, tmp_path: Path, local_ray: None
 ) -> None:
     rows = rows_with_problems(detector, 200)
+
     def line(i: int, r: list | None) -> str:
         if r is None or len(r) != 10:  # plain rows for the null and the short one
             return json.dumps({"id": f"r{i}", "outputs": r})

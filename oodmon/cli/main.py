@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(index, --keep columns, score, distance, p_value, flag, invalid, invalid_reason, "
         "predicted). Streams: memory stays flat however large the input. Reads Parquet (a list "
         "column of K numbers, or K numeric columns), JSON Lines (one OIP response, KServe v1 "
-        "reply or KServe payload-log CloudEvent per line, or {\"outputs\": [...]} rows), "
+        'reply or KServe payload-log CloudEvent per line, or {"outputs": [...]} rows), '
         ".npy and .pt. Rows that cannot be read or scored are written with invalid=true and a "
         "reason, never dropped; an input that cannot be read at all exits 2.",
         epilog="--fdr Q: Benjamini-Hochberg over the WHOLE input (both engines): the input is "

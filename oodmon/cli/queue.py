@@ -119,8 +119,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         ("pull", "bring Label Studio annotations back as labels", cmd_pull),
     ):
         parser = add(name, help)
-        parser.add_argument("--label-studio", required=True, metavar="URL",
-                            help="Label Studio server, e.g. http://localhost:8080")
+        parser.add_argument(
+            "--label-studio",
+            required=True,
+            metavar="URL",
+            help="Label Studio server, e.g. http://localhost:8080",
+        )
         parser.add_argument("--project", required=True, type=_positive, help="project id")
         parser.set_defaults(handler=handler)
         if name == "push":

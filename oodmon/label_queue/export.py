@@ -211,8 +211,8 @@ def labelling_config(
     choices = "\n".join(f"    <Choice value={quoteattr(n)}/>" for n in names)
     return (
         f"<View>\n  <Image name={quoteattr(to_name)} value={quoteattr('$' + to_name)}/>\n"
-        f"  <Choices name={quoteattr(from_name)} toName={quoteattr(to_name)} choice=\"single\" "
-        f"showInLine=\"true\">\n{choices}\n  </Choices>\n</View>\n"
+        f'  <Choices name={quoteattr(from_name)} toName={quoteattr(to_name)} choice="single" '
+        f'showInLine="true">\n{choices}\n  </Choices>\n</View>\n'
     )
 
 
