@@ -15,7 +15,7 @@ with its input), and every response row of one model is scored in a single
 1. the batch is scored and its metrics recorded;
 2. its flagged rows are written to the label queue with :meth:`LabelQueue.add
    <oodmon.label_queue.LabelQueue.add>`, synchronously: the call returns only once the
-   database committed them (a :class:`~oodmon.queue_writer.QueueWriter` may drop rows when
+   database committed them (a :class:`~oodmon.label_queue.QueueWriter` may drop rows when
    its buffer is full, so its ``flush`` proves nothing about them);
 3. rejected messages are delivered to the dead-letter topic, if there is one;
 4. only then are the batch's offsets committed.
@@ -56,7 +56,7 @@ from oodmon.label_queue import LabelQueue, QueueItem, QueueUnavailableError
 from oodmon.metrics import MetricSpec, MetricsServer, PrometheusMetrics, serve
 from oodmon.monitor import Monitor
 from oodmon.oip import OIPError, parse_request, parse_response
-from oodmon.queue_writer import observation_items
+from oodmon.label_queue.writer import observation_items
 from oodmon.verdict import Observation
 
 __all__ = [

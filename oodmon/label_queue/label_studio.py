@@ -10,7 +10,7 @@ items with the chosen label and the annotator. Both are idempotent.
   ``oodmon_id`` of the tasks already in the project, so a push that died between Label
   Studio's import and the local record does not import twice.
 * The prediction ``score`` is a confidence (low = most OOD; see
-  :func:`oodmon.queue_export.task_confidence`), so the project's "Uncertainty sampling" serves
+  :func:`oodmon.label_queue.export.task_confidence`), so the project's "Uncertainty sampling" serves
   the most-OOD task first. Label Studio only applies it to predictions whose
   ``model_version`` equals the project's: ``configure_sampling=True`` sets both.
 * Inputs: image-like arrays go inline as PNG data URIs (a 28 x 28 digit is under 1 kB); an
