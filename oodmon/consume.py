@@ -53,10 +53,10 @@ from oodmon.detector import Detector
 from oodmon.errors import OodmonError
 from oodmon.events import EventError, JoinBuffer, decode_event
 from oodmon.label_queue import LabelQueue, QueueItem, QueueUnavailableError
+from oodmon.label_queue.writer import observation_items
 from oodmon.metrics import MetricSpec, MetricsServer, PrometheusMetrics, serve
 from oodmon.monitor import Monitor
 from oodmon.oip import OIPError, parse_request, parse_response
-from oodmon.label_queue.writer import observation_items
 from oodmon.verdict import Observation
 
 __all__ = [
