@@ -185,7 +185,7 @@ def test_dropped_rows_reach_prometheus(tmp_path):
             int(monitor.observe(logits(40, s), inputs=torch.rand(40, 2)).flag.sum())
             for s in range(3)
         )
-        labels = {"model": "mnist", "model_version": "v1"}
+        labels = {"model": "mnist", "model_version": "v1", "reason": "buffer_full"}
         assert registry.get_sample_value("oodmon_label_queue_dropped_total", labels) == (
             flagged - 5
         )
