@@ -15,8 +15,9 @@ control characters escaped, so that no stored string can drive the terminal or f
 
 :func:`register` plugs the commands into the main ``oodmon`` parser; each handler returns an
 exit code and raises, for the main CLI to print as one line: ``ValueError`` /
-``FileNotFoundError`` / ``LookupError`` for input errors, :class:`~oodmon.label_queue.QueueUnavailableError` (a ``ConnectionError``) or another
-:class:`~oodmon.errors.OodmonError` for runtime failures.
+``FileNotFoundError`` / ``LookupError`` for input errors,
+:class:`~oodmon.label_queue.QueueUnavailableError` (a ``ConnectionError``: busy, locked,
+unreachable) or another :class:`~oodmon.errors.OodmonError` for runtime failures.
 """
 
 from __future__ import annotations
