@@ -643,7 +643,7 @@ class QueueWriter:
         """Drop one row the store can never accept: counted, kept as ``last_error``, logged once."""
         message = (
             f"the store rejected row {printable(item.id)!s} of model "
-            f"{printable(item.model)}: {self._describe(err)}"
+            f"{printable(item.model)}: {self._describe(err).rstrip('.')}"
         )
         with self._cond:
             self._inflight -= 1
