@@ -729,3 +729,46 @@ def test_interpreter_exit_counts_rows_of_a_write_that_never_returns(tmp_path):
     assert done.returncode == 0, done.stderr
     lost = [line for line in done.stderr.splitlines() if "not written" in line]
     assert len(lost) == 1 and "30 rows not written" in lost[0], done.stderr
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        "postgresql://alice:{secret}@127.0.0.1:{port}/q?connect_timeout=1",
+        "postgresql://alice:{encoded}@127.0.0.1:{port}/q?connect_timeout=1",  # %2F %3F %23 %40
+        "postgresql://alice@127.0.0.1:{port}/q?password={secret}&connect_timeout=1",
+        "postgres://alice:{secret}@127.0.0.1:{port}/q?sslpassword={secret}&connect_timeout=1",
+    ],
+)
+def test_no_password_form_reaches_errors_repr_logs_last_error_or_metrics(form, caplog):
+    pytest.importorskip("psycopg")
+    from urllib.parse import quote
+
+    from prometheus_client import generate_latest
+
+    secret = "Pa/ss?w#rd@Sw0rdf1sh"
+    plain = "Sw0rdf1sh-plain"
+    port = postgres_server.free_port()
+    url = form.format(
+        secret=plain if "{secret}" in form else "", encoded=quote(secret, safe=""), port=port
+    )
+    secrets = [plain, secret, quote(secret, safe="")] if "{encoded}" in form else [plain]
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(QueueUnavailableError) as info:
+        LabelQueue(url, timeout=1)
+    registry = CollectorRegistry()
+    writer = QueueWriter(
+        url, retry_initial=0.05, retry_max=0.1, flush_interval=0.0,
+        metrics=PrometheusMetrics(registry),
+    )  # fmt: skip
+    writer.submit(observation([0.01, 0.02]))
+    assert wait_for(lambda: writer.retries >= 2)
+    error = writer.last_error
+    writer.close(timeout=0.2)
+    shown = [str(info.value), repr(writer), writer.url, str(error), caplog.text]
+    shown.append(generate_latest(registry).decode())
+    for text in shown:
+        for s in secrets:
+            assert s not in text, text
+    assert "***" in str(info.value) and "***" in str(error)
+    assert writer.lost["store_error"] == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import json
 import os
@@ -467,6 +468,15 @@ def test_serve_binds_loopback_by_default_and_stops(tmp_path: Path) -> None:
 def test_serve_refuses_bad_ports(port: Any) -> None:
     with pytest.raises(ValueError, match="port"):
         serve(port)
+
+
+def test_serve_on_a_busy_port_names_the_address() -> None:
+    registry = CollectorRegistry()
+    with serve(0, registry=registry) as first:
+        with pytest.raises(OSError) as info:
+            serve(first.port, registry=registry)
+        assert f"Cannot serve metrics on 127.0.0.1:{first.port}: " in str(info.value)
+        assert info.value.errno == errno.EADDRINUSE and "choose another port" in str(info.value)
 
 
 def test_wsgi_app_serves_the_registry() -> None:

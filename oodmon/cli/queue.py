@@ -217,7 +217,7 @@ def cmd_done(args: argparse.Namespace) -> int:
     """``oodmon queue done``: record an item's label."""
     with _open(args.url, read_only=False, timeout=args.timeout) as queue:
         item = queue.done(args.id, args.label, worker=args.worker, overwrite=args.force)
-    print(f"{printable(item.id)}: labelled {printable(item.label)}")
+    print(f"{printable(item.id)}: labelled '{printable(item.label)}'")
     return 0
 
 

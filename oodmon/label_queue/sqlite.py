@@ -198,8 +198,7 @@ class SQLiteBackend:
         where = self.location.redacted
         if "locked" in text or "busy" in text:
             return QueueUnavailableError(
-                f"The label queue {where} is locked by another process (busy); try again: "
-                f"{text}."
+                f"The label queue {where} is locked by another process (busy); try again: {text}."
             )
         if "readonly" in text or "read-only" in text:
             return ReadOnlyQueueError(f"The label queue {where} is read-only: {text}.")

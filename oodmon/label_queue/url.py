@@ -129,9 +129,7 @@ def parse_url(url: str | os.PathLike[str]) -> QueueURL:
     if lowered.startswith(("postgresql://", "postgres://")):
         _check_postgres_url(text)
         return QueueURL("postgresql", text, redact_url(text))
-    if _SCHEME_WITHOUT_SLASHES.match(text) or (
-        "://" not in text and _LIBPQ_KEYWORD.search(text)
-    ):
+    if _SCHEME_WITHOUT_SLASHES.match(text) or ("://" not in text and _LIBPQ_KEYWORD.search(text)):
         raise ValueError(
             f"Expected a label-queue URL or file path, but got {redact_url(text)!r}, which "
             "looks like a PostgreSQL connection string: write it as a URL, "
