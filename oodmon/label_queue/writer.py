@@ -5,10 +5,12 @@
 returns: it never blocks on the database and never raises. A background thread turns the
 rows into :class:`~oodmon.label_queue.QueueItem` objects (moving inputs to the host there,
 not on the caller's thread) and writes them in batches, one transaction per batch. When the
-database is slow or unreachable the thread retries with exponential back-off while the
-buffer absorbs new rows; once the buffer is full, new rows are dropped and counted
-(``dropped``, returned to the Monitor, which exports it as a metric). ``close()`` flushes
-within a deadline, and so does interpreter exit.
+database is slow or unreachable the thread retries with jittered exponential back-off while
+the buffer absorbs new rows; once the buffer is full, new rows are dropped and counted
+(``dropped``, returned to the Monitor, which exports it as a metric). Rows the store can
+never accept are isolated by splitting the failing batch, dropped and counted, so that they
+never hold back the rows after them. ``close()`` flushes within a deadline, and so does
+interpreter exit.
 
 Processes: the writer is registered with :mod:`oodmon._lifecycle`, which closes it at
 interpreter exit (after the Monitors that feed it) and resets it in a child after
@@ -17,8 +19,9 @@ and opens its own connection, since the parent's cannot be shared (see :class:`Q
 
 Counters (all cumulative): ``dropped`` (refused by ``submit``: buffer full or closed),
 ``failed`` (accepted but never written: unconvertible input, or still unwritten at the
-close deadline), ``committed_batches`` / ``committed_rows`` (written and committed),
-``retries`` (failed write attempts).
+close deadline), ``lost`` (both of those, by reason: see
+:data:`~oodmon.sinks.QUEUE_LOSS_REASONS`), ``committed_batches`` / ``committed_rows``
+(written and committed), ``retries`` (failed write attempts).
 """
 
 from __future__ import annotations
@@ -584,10 +587,13 @@ class QueueWriter:
         delay = self.retry_initial
         while pending:
             part = pending[0]
+            queue: Writable | None = None
             try:
-                result = self._open_queue().add(part)
+                queue = self._open_queue()
+                result = queue.add(part)
             except Exception as err:
-                if _is_rejection(err):
+                # opening fails for the store's reasons, never for a row's
+                if queue is not None and _is_rejection(err):
                     pending.popleft()
                     if len(part) == 1:
                         self._reject(part[0], err)
