@@ -616,8 +616,9 @@ def test_back_off_holds_against_an_unreachable_postgres():
     assert writer.lost["store_error"] == 2
 
 
-def test_rows_lost_to_an_unwritable_queue_show_in_metrics(tmp_path):
-    """50 flagged rows to a queue that cannot be written: /metrics says 50 lost, store_error."""
+def test_rows_lost_to_an_unwritable_queue_show_in_metrics(tmp_path, caplog):
+    """50 flagged rows to a queue that cannot be written: /metrics says 50 lost, store_error,
+    and so does the log (it said "0 buffered rows not written" while 135 were lost)."""
     from urllib.request import urlopen
 
     from oodmon.metrics import serve
@@ -642,6 +643,8 @@ def test_rows_lost_to_an_unwritable_queue_show_in_metrics(tmp_path):
         'reason="store_error"} 50.0'
     )
     assert line in page.splitlines()
+    lost = [r.getMessage() for r in caplog.records if "not written" in r.getMessage()]
+    assert len(lost) == 1 and "50 rows not written" in lost[0], lost
     assert writer.failed == 50 and writer.lost == {
         "buffer_full": 0, "closed": 0, "store_error": 50, "rejected": 0
     }  # fmt: skip
