@@ -16,12 +16,14 @@ existing server. All three pick client_python's multiprocess collector when
 
 Labels: ``model`` and ``model_version`` on every family (keep them to a small fixed set: one
 series per value), ``reason`` on flags (the detector's score name) and on invalid outputs
-(one of :data:`~oodmon.verdict.INVALID_REASONS`, or ``"other"``), ``kind`` on monitor errors
+(one of :data:`~oodmon.verdict.INVALID_REASONS`, or ``"other"``) and on label-queue losses
+(one of :data:`~oodmon.sinks.QUEUE_LOSS_REASONS`, or ``"other"``), ``kind`` on monitor errors
 (an exception class name). Nothing per request or per input ever becomes a label.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import itertools
 import logging
@@ -45,7 +47,7 @@ from prometheus_client.registry import Collector
 from oodmon._batch_histogram import BatchHistogram, multiprocess_enabled
 from oodmon.conformal import score_cutoffs
 from oodmon.scores import SCORES
-from oodmon.sinks import DetectorSummary
+from oodmon.sinks import QUEUE_LOSS_REASONS, DetectorSummary
 from oodmon.verdict import INVALID_REASONS, Observation
 
 logger = logging.getLogger("oodmon")
@@ -130,8 +132,10 @@ METRICS: tuple[MetricSpec, ...] = (
         "on; the monitor could not keep up).",
     ),
     MetricSpec(
-        "oodmon_label_queue_dropped_total", "counter", _MODEL_LABELS,
-        "Flagged rows the label queue dropped because its buffer was full.",
+        "oodmon_label_queue_dropped_total", "counter", (*_MODEL_LABELS, "reason"),
+        "Flagged rows that never reached the label queue's store; reason: buffer_full, "
+        "closed (writer closed or process exiting), store_error (the store failed until the "
+        "close deadline), rejected (the store can never accept the row).",
     ),
     MetricSpec(
         "oodmon_ocs_distance", "histogram", _MODEL_LABELS,
@@ -195,7 +199,7 @@ class _Series:
     predictions: Any
     flagged: Any
     invalid: dict[str, Any]
-    dropped: Any
+    dropped: dict[str, Any]
     skipped: Any
     distance: BatchHistogram
     p_value: BatchHistogram
@@ -382,15 +386,25 @@ class PrometheusMetrics:
         """Count rows the monitor could not score because its backlog was full."""
         self._series_for(model, version).skipped.inc(rows)
 
-    def record_queue(self, model: str, version: str, depth: int | None, dropped: int) -> None:
-        """Set the label-queue depth (if known) and count dropped rows."""
+    def record_queue(
+        self,
+        model: str,
+        version: str,
+        depth: int | None,
+        dropped: int,
+        reason: str = "buffer_full",
+    ) -> None:
+        """Set the label-queue depth (if known) and count lost rows under ``reason``."""
         series = self._series_for(model, version)
         if depth is not None:
             if series.queue_depth is None:
                 series.queue_depth = self._queue_depth.labels(model, version)
             series.queue_depth.set(depth)
         if dropped:
-            series.dropped.inc(dropped)
+            child = series.dropped.get(reason)
+            if child is None:  # keep the label bounded whatever the caller sends
+                child = self._dropped.labels(model, version, _OTHER_REASON)
+            child.inc(dropped)
 
     # ------------------------------------------------------------------ internals
 
@@ -410,7 +424,7 @@ class PrometheusMetrics:
             predictions=self._predictions.labels(*key),
             flagged=self._flagged.labels(*key, reason),
             invalid={r: self._invalid.labels(*key, r) for r in INVALID_REASONS},
-            dropped=self._dropped.labels(*key),
+            dropped={r: self._dropped.labels(*key, r) for r in QUEUE_LOSS_REASONS},
             skipped=self._skipped.labels(*key),
             distance=self._distance.labels(*key),
             p_value=self._p_value.labels(*key),
@@ -553,16 +567,29 @@ def serve(port: int, addr: str = "127.0.0.1", registry: Collector | None = None)
 
     Raises:
         ValueError: a port outside 0..65535.
-        OSError: the address cannot be bound (port in use, unknown address).
+        OSError: the address cannot be bound (port in use, unknown address); the message
+            names ``addr:port``.
     """
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"Expected `port` to be an integer in [0, 65535], but got {port!r}.")
-    family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0][0]
+    try:
+        family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0][0]
 
-    class _Server(_ThreadingWSGIServer):
-        address_family = family
+        class _Server(_ThreadingWSGIServer):
+            address_family = family
 
-    server = make_server(addr, port, make_wsgi_app(registry), _Server, handler_class=_QuietHandler)
+        server = make_server(
+            addr, port, make_wsgi_app(registry), _Server, handler_class=_QuietHandler
+        )
+    except OSError as err:
+        where = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+        why = err.strerror or str(err)
+        hint = (
+            "another process is listening there: choose another port, or 0 for a free one"
+            if err.errno == errno.EADDRINUSE
+            else "check the address and the port"
+        )
+        raise OSError(err.errno, f"Cannot serve metrics on {where}: {why}; {hint}.") from err
     thread = threading.Thread(
         target=server.serve_forever, name="oodmon-metrics-server", daemon=True
     )

@@ -219,6 +219,9 @@ class Monitor:
             self._guard("describe", metrics.describe, self.summary())
         if queue is not None and callable(getattr(queue, "describe", None)):
             self._guard("queue.describe", queue.describe, self.summary())
+        if metrics is not None and callable(getattr(queue, "bind_metrics", None)):
+            # a sink that loses rows after submit() (store errors, close) reports them itself
+            self._guard("queue.bind_metrics", queue.bind_metrics, metrics)
         track(self, Stage.PRODUCER)
 
     def _reset_state(self) -> None:

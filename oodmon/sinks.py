@@ -18,12 +18,22 @@ import numpy as np
 from oodmon.verdict import Observation
 
 __all__ = [
+    "QUEUE_LOSS_REASONS",
     "DetectorSummary",
     "InMemoryMetrics",
     "InMemoryQueue",
     "MetricsSink",
     "QueueSink",
 ]
+
+
+#: Why a flagged row never reached the label queue's store (``reason`` of
+#: ``oodmon_label_queue_dropped_total``): ``buffer_full`` (refused by the writer's full
+#: buffer), ``closed`` (refused after, or unwritten at, the writer's close deadline or
+#: process exit while the store still worked), ``store_error`` (the store kept failing
+#: until the close deadline), ``rejected`` (the store can never accept the row: a string
+#: it cannot encode, an input that cannot be converted).
+QUEUE_LOSS_REASONS = ("buffer_full", "closed", "store_error", "rejected")
 
 
 @dataclass(frozen=True)
@@ -60,14 +70,26 @@ class MetricsSink(Protocol):
     def record_skipped(self, model: str, version: str, rows: int) -> None:
         """Called when submitted rows are dropped unscored because the backlog is full."""
 
-    def record_queue(self, model: str, version: str, depth: int | None, dropped: int) -> None:
-        """Called after flagged rows were handed to the queue sink.
+    def record_queue(
+        self,
+        model: str,
+        version: str,
+        depth: int | None,
+        dropped: int,
+        reason: str = "buffer_full",
+    ) -> None:
+        """Called after flagged rows were handed to the queue sink, or lost on the way.
+
+        The Monitor calls it after each hand-over (``dropped``: rows the sink refused, its
+        buffer being full); a :class:`~oodmon.label_queue.QueueWriter` given the sink calls
+        it after each commit (the fresh depth) and for the rows it loses later.
 
         Args:
             model: the monitor's model name.
             version: the monitor's model version.
             depth: items waiting in the label queue as last seen, or None if unknown.
-            dropped: rows dropped by this hand-over (buffer full), to add to a counter.
+            dropped: flagged rows lost, to add to a counter.
+            reason: why they were lost, one of :data:`QUEUE_LOSS_REASONS`.
         """
 
 
@@ -103,6 +125,7 @@ class InMemoryMetrics:
         self.skipped = 0
         self.queue_depth: int | None = None
         self.queue_dropped = 0
+        self.queue_lost: dict[str, int] = {}
 
     def describe(self, summary: DetectorSummary) -> None:
         """Keep the summary."""
@@ -127,11 +150,21 @@ class InMemoryMetrics:
         with self._lock:
             self.skipped += rows
 
-    def record_queue(self, model: str, version: str, depth: int | None, dropped: int) -> None:
-        """Keep the depth and count the dropped rows."""
+    def record_queue(
+        self,
+        model: str,
+        version: str,
+        depth: int | None,
+        dropped: int,
+        reason: str = "buffer_full",
+    ) -> None:
+        """Keep the depth (when known) and count the dropped rows, by reason."""
         with self._lock:
-            self.queue_depth = depth
+            if depth is not None:
+                self.queue_depth = depth
             self.queue_dropped += dropped
+            if dropped:
+                self.queue_lost[reason] = self.queue_lost.get(reason, 0) + dropped
 
 
 class InMemoryQueue:

@@ -176,3 +176,123 @@ def test_help_lists_every_command(capsys):
     for command in ("ls", "stats", "export", "claim", "done", "release"):
         assert command in out
     assert Path(queue_commands.__file__).parts[-2:] == ("cli", "queue.py")
+
+
+# ---------------------------------------------------------------------- hostile strings, bad input
+
+
+EVIL = "evil\x1b[2J\x1b]0;owned\x07\nforged-row  queued\u202e"
+
+
+def test_ids_labels_and_workers_are_printed_escaped(queue_url, capsys):
+    with LabelQueue(queue_url) as q:
+        q.put(reference=f"s3://{EVIL}", model="mnist", version="v1", p_value=0.01,
+              distance=0.1, id=EVIL)  # fmt: skip
+    for argv in (
+        ("ls", queue_url),
+        ("claim", queue_url, "--worker", EVIL, "-n", "1"),
+        ("ls", queue_url),
+        ("done", queue_url, EVIL, EVIL),
+        ("ls", queue_url, "--status", "done"),
+    ):
+        code, out, err = run(capsys, *argv)
+        assert code == 0, err
+        assert not any(c in out for c in "\x1b\x07\u202e"), (argv, out)
+        assert "evil\\x1b[2J" in out
+        assert not any(line.startswith("forged-row") for line in out.splitlines())
+    assert len(out.splitlines()) == 3  # header, one item, summary: no forged row
+
+
+def test_a_locked_database_is_busy_not_broken(tmp_path, capsys):
+    import sqlite3
+
+    path = tmp_path / "q.db"
+    LabelQueue(path).close()
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("PRAGMA locking_mode = EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    holder.execute("INSERT INTO meta (key, value) VALUES ('lock', 'held')")
+    try:
+        for argv in (("ls", str(path)), ("claim", str(path), "--worker", "ann")):
+            code, _, err = run(capsys, *argv, "--timeout", "0.1")
+            assert code == 1, err  # a runtime condition, worth retrying: not bad input (2)
+            assert "locked by another process (busy); try again" in err
+            assert "not a usable SQLite database" not in err and len(err.splitlines()) == 1
+    finally:
+        holder.close()
+
+
+READ_ONLY_SCRIPT = """
+import os, sys
+from oodmon.cli import main
+import oodmon.label_queue.export, json  # imported before dropping privileges
+if os.getuid() == 0:
+    os.setuid(65534)  # root ignores directory permissions: read as nobody
+for command in ("ls", "stats", "export"):
+    code = main(["queue", command, sys.argv[1]])
+    print(f"{command}={code}", file=sys.stderr)
+"""
+
+
+def test_a_queue_in_a_read_only_directory_can_be_read(capsys):
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    top = Path(tempfile.mkdtemp(prefix="oodmon-ro-", dir="/tmp"))
+    try:
+        top.chmod(0o755)
+        directory = top / "ro"
+        directory.mkdir()
+        path = directory / "q.db"
+        with LabelQueue(path) as q:  # a writer leaves WAL mode: readers need the -shm file
+            q.put(reference="s3://a.png", model="m", version="1", p_value=0.01, distance=0.1)
+        assert sorted(p.name for p in directory.iterdir()) == ["q.db"]
+        path.chmod(0o644)
+        directory.chmod(0o555)
+        done = subprocess.run(
+            [sys.executable, "-c", READ_ONLY_SCRIPT, str(path)],
+            capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1],
+        )  # fmt: skip
+        assert "ls=0" in done.stderr and "stats=0" in done.stderr, done.stderr
+        assert "export=0" in done.stderr and "s3://a.png" in done.stdout, done.stderr
+        assert sorted(p.name for p in directory.iterdir()) == ["q.db"]
+    finally:
+        (top / "ro").chmod(0o755)
+        shutil.rmtree(top)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (("--lease", "1e308"), "Expected `lease_seconds` in (0, 31536000]"),
+        (("--lease", "inf"), "Expected `lease_seconds`"),
+        (("--lease", "nan"), "Expected `lease_seconds`"),
+        (("-n", str(10**20)), "Expected `n` to be an integer in [1, 100000]"),
+    ],
+)
+def test_claim_validates_before_it_changes_anything(tmp_path, capsys, argv, message):
+    path = str(tmp_path / "q.db")
+    with LabelQueue(path) as q:
+        q.put(reference="s3://a.png", model="m", version="1", p_value=0.01, distance=0.1)
+    code, out, err = run(capsys, "claim", path, "--worker", "ann", *argv)
+    assert code == 2 and out == ""
+    assert err.startswith(f"oodmon: error: {message}") and len(err.splitlines()) == 1
+    with LabelQueue(path, read_only=True) as q:
+        assert q.stats().claimed == 0 and q.stats().queued == 1
+
+
+def test_done_refuses_to_replace_a_label_without_force(tmp_path, capsys):
+    path = str(tmp_path / "q.db")
+    with LabelQueue(path) as q:
+        q.put(reference="s3://a.png", model="m", version="1", p_value=0.01, distance=0.1, id="a")
+    assert run(capsys, "done", path, "a", "cat")[0] == 0
+    code, _, err = run(capsys, "done", path, "a", "dog")
+    assert code == 2 and "already labelled 'cat'" in err and "--force" in err
+    with LabelQueue(path, read_only=True) as q:
+        assert q.get("a").label == "cat"
+    code, out, _ = run(capsys, "done", path, "a", "dog", "--force")
+    assert code == 0 and out == "a: labelled 'dog'\n"
+    with LabelQueue(path, read_only=True) as q:
+        assert q.get("a").label == "dog"

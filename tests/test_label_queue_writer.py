@@ -185,7 +185,7 @@ def test_dropped_rows_reach_prometheus(tmp_path):
             int(monitor.observe(logits(40, s), inputs=torch.rand(40, 2)).flag.sum())
             for s in range(3)
         )
-        labels = {"model": "mnist", "model_version": "v1"}
+        labels = {"model": "mnist", "model_version": "v1", "reason": "buffer_full"}
         assert registry.get_sample_value("oodmon_label_queue_dropped_total", labels) == (
             flagged - 5
         )
@@ -523,3 +523,257 @@ def test_a_writer_built_before_fork_writes_from_the_child(tmp_path, through):
     with LabelQueue(path, read_only=True) as queue:
         ids = {item.id for item in queue.iter_items()}
     assert ids == {f"child-{j}" for j in range(40)} | {f"parent-{j}" for j in range(6)}
+
+
+# ---------------------------------------------------------------------- reliability (issue 17)
+
+
+def lost_metric(registry, reason: str, model: str = "m", version: str = "1") -> float | None:
+    labels = {"model": model, "model_version": version, "reason": reason}
+    return registry.get_sample_value("oodmon_label_queue_dropped_total", labels)
+
+
+POISON = {"sqlite": ["\ud800"], "postgresql": ["\ud800", "nul\x00byte"]}
+
+
+def test_poison_rows_are_isolated_and_everything_else_flows(queue_url, caplog):
+    """Rows the store can never accept (a lone surrogate; NUL on PostgreSQL) among good ones:
+    they are dropped and counted, and every other row, before and after them, is written."""
+    backend = "postgresql" if queue_url.startswith("postgresql") else "sqlite"
+    poison = POISON[backend]
+    ids = [f"good-{i}" for i in range(60)]
+    spots = [3, 17, 41][: len(poison) + 1]
+    for k, (spot, bad) in enumerate(zip(spots, poison * 2, strict=False)):
+        ids[spot] = f"bad-{k}-{bad}"
+    bad_ids = {ids[s] for s in spots}
+    registry = CollectorRegistry()
+    writer = QueueWriter(
+        queue_url, batch_rows=16, flush_interval=0.0, metrics=PrometheusMetrics(registry)
+    )
+    p = np.linspace(0.001, 0.05, 60)
+    inputs = [f"s3://bucket/{i}.png" for i in range(60)]
+    for start in (0, 30):  # two hand-overs: rows after the poison keep flowing
+        rows = slice(start, start + 30)
+        writer.submit(observation(p[rows], inputs=inputs[rows], ids=ids[rows]))
+    assert writer.flush(timeout=30)
+    writer.close()
+    with LabelQueue(queue_url) as q:
+        stored = {item.id for item in q.items()}
+    assert stored == set(ids) - bad_ids
+    assert writer.committed_rows == 60 - len(bad_ids)
+    assert writer.failed == len(bad_ids) and writer.lost["rejected"] == len(bad_ids)
+    assert writer.retries == 0  # a rejection is not a store failure: no back-off, no retry
+    assert lost_metric(registry, "rejected") == len(bad_ids)
+    assert writer.last_error is not None and "rejected row bad-" in writer.last_error
+    assert writer.last_error.isprintable()  # the poison is shown escaped
+    rejections = [r for r in caplog.records if "rejected row" in r.getMessage()]
+    assert len(rejections) == 1 and rejections[0].getMessage().isprintable()
+
+
+class CountingDown:
+    """A store that is always down, counting the attempts made on it."""
+
+    def __init__(self) -> None:
+        self.attempts: list[float] = []
+
+    def add(self, items):
+        self.attempts.append(time.monotonic())
+        raise QueueUnavailableError("connection refused")
+
+    def close(self) -> None:
+        pass
+
+
+def test_back_off_holds_while_close_waits():
+    """Before: ~69,000 attempts during close(timeout=3). The pauses stay between half the
+    current bound and the bound, so at most about 2 / retry_max attempts per second."""
+    down = CountingDown()
+    writer = QueueWriter(down, retry_initial=0.01, retry_max=0.1, flush_interval=0.0)
+    writer.submit(observation(np.full(20, 0.01)))
+    assert wait_for(lambda: len(down.attempts) >= 3)
+    start = time.monotonic()
+    writer.close(timeout=1.0)
+    during = [t for t in down.attempts if t >= start]
+    assert 2 <= len(during) <= 1.0 / (0.1 / 2) + 6  # the ramp from 0.01 adds a few
+    # between the one attempt close() asks for at once and the last pause, cut short by the
+    # deadline: every pause at least half the bound, and not all alike (jitter)
+    gaps = np.diff(during)[1:-1]
+    assert gaps.min() >= 0.1 / 2 * 0.9 and len(set(np.round(gaps, 4))) > 1
+    assert writer.lost["store_error"] == 20 and writer.failed == 20
+
+
+def test_back_off_holds_against_an_unreachable_postgres():
+    """Connection attempts (logins) to a server that refuses them, per second of close()."""
+    pytest.importorskip("psycopg")
+    port = postgres_server.free_port()
+    url = f"postgresql://alice:pw@127.0.0.1:{port}/labels?connect_timeout=1"
+    writer = QueueWriter(url, retry_initial=0.05, retry_max=0.2, flush_interval=0.0)
+    writer.submit(observation([0.01, 0.02]))
+    assert wait_for(lambda: writer.retries >= 2)
+    before = writer.retries
+    writer.close(timeout=2.0)
+    assert writer.retries - before <= 2.0 / (0.2 / 2) + 4
+    assert writer.lost["store_error"] == 2
+
+
+@pytest.mark.parametrize("bound_by", ["writer", "monitor"])
+def test_rows_lost_to_an_unwritable_queue_show_in_metrics(tmp_path, caplog, bound_by):
+    """50 flagged rows to a queue that cannot be written: /metrics says 50 lost, store_error,
+    and so does the log (it said "0 buffered rows not written" while 135 were lost). The
+    Monitor hands its metrics sink to a writer built without one."""
+    from urllib.request import urlopen
+
+    from oodmon.metrics import serve
+
+    directory = tmp_path / "gone"
+    directory.mkdir()
+    registry = CollectorRegistry()
+    metrics = PrometheusMetrics(registry)
+    writer = QueueWriter(
+        directory / "q.db", retry_initial=0.01, retry_max=0.05, flush_interval=0.0,
+        metrics=metrics if bound_by == "writer" else None,
+    )  # fmt: skip
+    directory.rmdir()  # the directory existed at construction; it is gone when writing
+    monitor = Monitor(make_detector(), "mnist", "v1", metrics=metrics, queue=writer)
+    flat = torch.zeros(50, 10)  # exactly the OCS: every row is flagged
+    assert int(monitor.observe(flat, inputs=torch.rand(50, 2)).flag.sum()) == 50
+    monitor.close(timeout=0.5)
+    with serve(0, registry=registry) as server, urlopen(server.url, timeout=10) as response:
+        page = response.read().decode()
+    line = (
+        'oodmon_label_queue_dropped_total{model="mnist",model_version="v1",'
+        'reason="store_error"} 50.0'
+    )
+    assert line in page.splitlines()
+    lost = [r.getMessage() for r in caplog.records if "not written" in r.getMessage()]
+    assert len(lost) == 1 and "50 rows not written" in lost[0], lost
+    assert writer.failed == 50 and writer.lost == {
+        "buffer_full": 0, "closed": 0, "store_error": 50, "rejected": 0
+    }  # fmt: skip
+
+
+def test_rows_unwritten_at_the_close_deadline_are_lost_as_closed(tmp_path):
+    """A store that works but slowly: what close() could not write in time is `closed`."""
+
+    class Slow:
+        def __init__(self, inner: LabelQueue) -> None:
+            self.inner = inner
+
+        def add(self, items):
+            time.sleep(0.2)
+            return self.inner.add(items)
+
+        def close(self) -> None:
+            self.inner.close()
+
+    registry = CollectorRegistry()
+    with LabelQueue(tmp_path / "q.db") as q:
+        writer = QueueWriter(
+            Slow(q), batch_rows=5, flush_interval=0.0, metrics=PrometheusMetrics(registry)
+        )
+        writer.submit(observation(np.linspace(0.001, 0.01, 40)))
+        writer.close(timeout=0.5)
+        written = q.stats().queued
+    assert 0 < writer.committed_rows == written < 40
+    assert writer.lost["closed"] == 40 - written == lost_metric(registry, "closed")
+    assert writer.committed_rows + writer.failed == 40
+
+
+def test_depth_gauge_follows_every_commit(tmp_path):
+    """The depth gauge equals the queue's count after the last commit (it lagged before)."""
+    registry = CollectorRegistry()
+    metrics = PrometheusMetrics(registry)
+    writer = QueueWriter(tmp_path / "q.db", batch_rows=7, flush_interval=0.0, metrics=metrics)
+    monitor = Monitor(make_detector(), "mnist", "v1", metrics=metrics, queue=writer)
+    for seed in range(6):
+        monitor.observe(logits(60, seed), inputs=torch.rand(60, 3))
+    monitor.close(timeout=30)
+    with LabelQueue(tmp_path / "q.db", read_only=True) as q:
+        queued = q.stats().queued
+    labels = {"model": "mnist", "model_version": "v1"}
+    assert queued == writer.committed_rows > 0
+    assert registry.get_sample_value("oodmon_label_queue_depth", labels) == queued
+
+
+def test_a_queue_in_a_missing_directory_fails_fast(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="does not: create it first"):
+        QueueWriter(tmp_path / "no-such-dir" / "q.db")
+    with pytest.raises(ValueError, match="no-such-dir does not"):
+        QueueWriter(f"sqlite:///{tmp_path}/no-such-dir/q.db")
+    assert time.monotonic() - start < 1
+    QueueWriter("sqlite:///:memory:").close()  # no directory involved
+
+
+def test_interpreter_exit_counts_rows_of_a_write_that_never_returns(tmp_path):
+    """A write hangs at exit: the buffered rows and the batch being written are all
+    reported lost, with their number."""
+    script = textwrap.dedent("""
+        import threading
+        import numpy as np
+        from oodmon.label_queue import QueueWriter
+        from oodmon.verdict import HostVerdict, Observation
+
+        class Hung:
+            def add(self, items):
+                threading.Event().wait()
+
+            def close(self):
+                pass
+
+        writer = QueueWriter(Hung(), batch_rows=8, flush_interval=0.0, close_timeout=0.1)
+        p = np.linspace(0.001, 0.01, 30)
+        v = HostVerdict(score=-p, distance=p, p_value=p, flag=np.ones(30, bool),
+                        invalid=np.zeros(30, bool), predicted=np.zeros(30, np.int64))
+        writer.submit(Observation("m", "1", v))
+        # no close(): the interpreter exits here
+    """)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr
+    lost = [line for line in done.stderr.splitlines() if "not written" in line]
+    assert len(lost) == 1 and "30 rows not written" in lost[0], done.stderr
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        "postgresql://alice:{secret}@127.0.0.1:{port}/q?connect_timeout=1",
+        "postgresql://alice:{encoded}@127.0.0.1:{port}/q?connect_timeout=1",  # %2F %3F %23 %40
+        "postgresql://alice@127.0.0.1:{port}/q?password={secret}&connect_timeout=1",
+        "postgres://alice:{secret}@127.0.0.1:{port}/q?sslpassword={secret}&connect_timeout=1",
+    ],
+)
+def test_no_password_form_reaches_errors_repr_logs_last_error_or_metrics(form, caplog):
+    pytest.importorskip("psycopg")
+    from urllib.parse import quote
+
+    from prometheus_client import generate_latest
+
+    secret = "Pa/ss?w#rd@Sw0rdf1sh"
+    plain = "Sw0rdf1sh-plain"
+    port = postgres_server.free_port()
+    url = form.format(
+        secret=plain if "{secret}" in form else "", encoded=quote(secret, safe=""), port=port
+    )
+    secrets = [plain, secret, quote(secret, safe="")] if "{encoded}" in form else [plain]
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(QueueUnavailableError) as info:
+        LabelQueue(url, timeout=1)
+    registry = CollectorRegistry()
+    writer = QueueWriter(
+        url, retry_initial=0.05, retry_max=0.1, flush_interval=0.0,
+        metrics=PrometheusMetrics(registry),
+    )  # fmt: skip
+    writer.submit(observation([0.01, 0.02]))
+    assert wait_for(lambda: writer.retries >= 2)
+    error = writer.last_error
+    writer.close(timeout=0.2)
+    shown = [str(info.value), repr(writer), writer.url, str(error), caplog.text]
+    shown.append(generate_latest(registry).decode())
+    for text in shown:
+        for s in secrets:
+            assert s not in text, text
+    assert "***" in str(info.value) and "***" in str(error)
+    assert writer.lost["store_error"] == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import json
 import os
@@ -42,7 +43,7 @@ from oodmon.metrics import (
     serve,
 )
 from oodmon.monitor import Monitor
-from oodmon.sinks import DetectorSummary, InMemoryQueue, MetricsSink
+from oodmon.sinks import QUEUE_LOSS_REASONS, DetectorSummary, InMemoryQueue, MetricsSink
 from oodmon.verdict import INVALID_REASONS, HostVerdict, Observation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,7 +163,8 @@ def test_describe_publishes_the_detector_and_creates_series_at_zero() -> None:
     assert get("oodmon_flagged_total", {**LABELS, "reason": "ocs_kl"}) == 0.0
     for reason in INVALID_REASONS:
         assert get("oodmon_invalid_outputs_total", {**LABELS, "reason": reason}) == 0.0
-    assert get("oodmon_label_queue_dropped_total", LABELS) == 0.0
+    for reason in QUEUE_LOSS_REASONS:  # every loss reason exists at 0 before any loss
+        assert get("oodmon_label_queue_dropped_total", {**LABELS, "reason": reason}) == 0.0
     assert get("oodmon_p_value_count", LABELS) == 0.0
     # no queue reported yet: no depth series (0 would claim an empty queue)
     assert get("oodmon_label_queue_depth", LABELS) is None
@@ -240,12 +242,17 @@ def test_errors_queue_and_unknown_reasons_stay_bounded() -> None:
     sink.record_queue("clf", "v1", depth=None, dropped=0)
     sink.record_queue("clf", "v1", depth=12, dropped=3)
     sink.record_queue("clf", "v1", depth=None, dropped=2)  # unknown depth keeps the last one
+    sink.record_queue("clf", "v1", depth=None, dropped=4, reason="rejected")
+    sink.record_queue("clf", "v1", depth=None, dropped=1, reason="no-such-reason")
     n = 4
     sink.record(observation(np.ones(n), np.ones(n), np.ones(n, bool), reasons={"weird": n}))
     get = registry.get_sample_value
     assert get("oodmon_monitor_errors_total", {**LABELS, "kind": "RuntimeError"}) == 2
     assert get("oodmon_label_queue_depth", LABELS) == 12
-    assert get("oodmon_label_queue_dropped_total", LABELS) == 5
+    dropped = {**LABELS, "reason": "buffer_full"}
+    assert get("oodmon_label_queue_dropped_total", dropped) == 5
+    assert get("oodmon_label_queue_dropped_total", {**LABELS, "reason": "rejected"}) == 4
+    assert get("oodmon_label_queue_dropped_total", {**LABELS, "reason": "other"}) == 1
     assert get("oodmon_invalid_outputs_total", {**LABELS, "reason": "other"}) == n
     # never described: flags are counted under reason="unknown"
     assert get("oodmon_flagged_total", {**LABELS, "reason": "unknown"}) == 0
@@ -274,7 +281,7 @@ def test_monitor_reports_its_label_queue_and_errors() -> None:
         monitor.observe(model(torch.zeros(40, 8)))
     get = registry.get_sample_value
     assert get("oodmon_label_queue_depth", LABELS) == 50
-    assert get("oodmon_label_queue_dropped_total", LABELS) == 30
+    assert get("oodmon_label_queue_dropped_total", {**LABELS, "reason": "buffer_full"}) == 30
     assert get("oodmon_monitor_errors_total", {**LABELS, "kind": "RuntimeError"}) == 1
 
 
@@ -461,6 +468,15 @@ def test_serve_binds_loopback_by_default_and_stops(tmp_path: Path) -> None:
 def test_serve_refuses_bad_ports(port: Any) -> None:
     with pytest.raises(ValueError, match="port"):
         serve(port)
+
+
+def test_serve_on_a_busy_port_names_the_address() -> None:
+    registry = CollectorRegistry()
+    with serve(0, registry=registry) as first:
+        with pytest.raises(OSError) as info:
+            serve(first.port, registry=registry)
+        assert f"Cannot serve metrics on 127.0.0.1:{first.port}: " in str(info.value)
+        assert info.value.errno == errno.EADDRINUSE and "choose another port" in str(info.value)
 
 
 def test_wsgi_app_serves_the_registry() -> None:

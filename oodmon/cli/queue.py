@@ -4,7 +4,7 @@
     oodmon queue stats URL [--json]
     oodmon queue export URL [-o FILE] [--format label-studio|jsonl] [--status S] [--limit N]
     oodmon queue claim URL --worker NAME [-n N] [--lease SECONDS] [-o FILE] [--format F]
-    oodmon queue done URL ID LABEL [--worker NAME]
+    oodmon queue done URL ID LABEL [--worker NAME] [--force]
     oodmon queue release URL ID [--worker NAME]
     oodmon queue push URL --label-studio URL --project ID [--class-names A,B]
         [--uncertainty-sampling]
@@ -13,22 +13,29 @@
 ``push`` and ``pull`` read the Label Studio API key from ``LABEL_STUDIO_API_KEY``.
 
 URL is a file path, ``sqlite:///path.db`` or ``postgresql://user@host/db``. ``ls``,
-``stats`` and ``export`` open the queue read-only. :func:`register` plugs the commands into
-the main ``oodmon`` parser; each handler returns an exit code and raises, for the main CLI
-to print as one line: ``ValueError`` / ``FileNotFoundError`` / ``LookupError`` for input
-errors, :class:`~oodmon.label_queue.QueueUnavailableError` (a ``ConnectionError``) or another
-:class:`~oodmon.errors.OodmonError` for runtime failures.
+``stats`` and ``export`` open the queue read-only (a file in a directory they may not write
+to included). Every command takes ``--timeout`` (seconds to wait for a locked database or a
+server). What comes from the queue (ids, labels, workers, references) is printed with its
+control characters escaped, so that no stored string can drive the terminal or forge a row.
+
+:func:`register` plugs the commands into the main ``oodmon`` parser; each handler returns an
+exit code and raises, for the main CLI to print as one line: ``ValueError`` /
+``FileNotFoundError`` / ``LookupError`` for input errors,
+:class:`~oodmon.label_queue.QueueUnavailableError` (a ``ConnectionError``: busy, locked,
+unreachable) or another :class:`~oodmon.errors.OodmonError` for runtime failures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from oodmon._printable import printable
 from oodmon.label_queue import (
     FORMATS,
     LabelQueue,
@@ -67,6 +74,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = commands.add_parser(name, help=help, description=help)
         parser.add_argument(
             "url", metavar="URL", help="queue file path, sqlite:///path.db or postgresql://..."
+        )
+        parser.add_argument(
+            "--timeout",
+            type=float,
+            default=10.0,
+            help="seconds to wait for a locked database or a server (default 10)",
         )
         return parser
 
@@ -107,6 +120,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     done.add_argument("id", metavar="ID")
     done.add_argument("label", metavar="LABEL")
     done.add_argument("--worker", help="refuse if another worker holds a live lease on it")
+    done.add_argument("--force", action="store_true", help="replace the label of an item")
     done.set_defaults(handler=cmd_done)
 
     release = add("release", "give a claimed item back to the queue")
@@ -168,9 +182,11 @@ def _positive(text: str) -> int:
     return value
 
 
-def _open(url: str, *, read_only: bool) -> LabelQueue:
+def _open(url: str, *, read_only: bool, timeout: float = 10.0) -> LabelQueue:
+    if not (math.isfinite(timeout) and timeout >= 0):
+        raise ValueError(f"Expected --timeout >= 0 seconds, but got {timeout!r}.")
     try:
-        return LabelQueue(url, read_only=read_only, create=False)
+        return LabelQueue(url, read_only=read_only, create=False, timeout=timeout)
     except ImportError as err:  # psycopg missing: say what to install, no traceback
         raise QueueError(str(err)) from err
 
@@ -180,7 +196,7 @@ def _open(url: str, *, read_only: bool) -> LabelQueue:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     """``oodmon queue ls``: a table of items, most OOD first."""
-    with _open(args.url, read_only=True) as queue:
+    with _open(args.url, read_only=True, timeout=args.timeout) as queue:
         items = queue.items(args.status, model=args.model, limit=args.limit or None)
         total = queue.stats()
     print(format_items(items))
@@ -191,9 +207,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 def cmd_stats(args: argparse.Namespace) -> int:
     """``oodmon queue stats``: counts by status, capacity, evictions."""
-    with _open(args.url, read_only=True) as queue:
+    with _open(args.url, read_only=True, timeout=args.timeout) as queue:
         stats = queue.stats()
-        url = queue.url
+        url = printable(queue.url)
     if args.json:
         print(json.dumps({"url": url, **stats.as_dict()}, indent=1))
         return 0
@@ -212,7 +228,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                 "labelling config lists the class names."
             )
         config = labelling_config(_class_names(args) or [])
-    with _open(args.url, read_only=True) as queue:
+    with _open(args.url, read_only=True, timeout=args.timeout) as queue:
         count = export_queue(
             queue,
             _destination(args),
@@ -226,36 +242,36 @@ def cmd_export(args: argparse.Namespace) -> int:
         with open(args.config_out, "w", encoding="utf-8") as fh:
             fh.write(config)
     if args.output != "-":
-        print(f"wrote {count} items to {args.output} ({args.format})", file=sys.stderr)
+        print(f"wrote {count} items to {printable(args.output)} ({args.format})", file=sys.stderr)
     return 0
 
 
 def cmd_claim(args: argparse.Namespace) -> int:
     """``oodmon queue claim``: lease the most-OOD queued items to a worker."""
-    with _open(args.url, read_only=False) as queue:
+    with _open(args.url, read_only=False, timeout=args.timeout) as queue:
         items = queue.claim(args.n, args.worker, args.lease)
     if args.output is not None:
         write_items(items, _destination(args), format=args.format, class_names=_class_names(args))
     if args.output != "-":
         print(format_items(items))
         until = format_utc(items[0].lease_expires_at) if items else "-"
-        print(f"claimed {len(items)} items for {args.worker} until {until}")
+        print(f"claimed {len(items)} items for {printable(args.worker)} until {until}")
     return 0
 
 
 def cmd_done(args: argparse.Namespace) -> int:
     """``oodmon queue done``: record an item's label."""
-    with _open(args.url, read_only=False) as queue:
-        item = queue.done(args.id, args.label, worker=args.worker)
-    print(f"{item.id}: labelled {item.label!r}")
+    with _open(args.url, read_only=False, timeout=args.timeout) as queue:
+        item = queue.done(args.id, args.label, worker=args.worker, overwrite=args.force)
+    print(f"{printable(item.id)}: labelled '{printable(item.label)}'")
     return 0
 
 
 def cmd_release(args: argparse.Namespace) -> int:
     """``oodmon queue release``: give a claimed item back."""
-    with _open(args.url, read_only=False) as queue:
+    with _open(args.url, read_only=False, timeout=args.timeout) as queue:
         queue.release(args.id, worker=args.worker)
-    print(f"{args.id}: released")
+    print(f"{printable(args.id)}: released")
     return 0
 
 
@@ -270,7 +286,7 @@ def _class_names(args: argparse.Namespace) -> list[str] | None:
 def cmd_push(args: argparse.Namespace) -> int:
     """``oodmon queue push``: send new queued items to a Label Studio project, most OOD first."""
     client = _studio(args)
-    with _open(args.url, read_only=False) as queue:
+    with _open(args.url, read_only=False, timeout=args.timeout) as queue:
         result = push(
             queue,
             client,
@@ -291,7 +307,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_pull(args: argparse.Namespace) -> int:
     """``oodmon queue pull``: bring Label Studio annotations back as done items."""
     client = _studio(args)
-    with _open(args.url, read_only=False) as queue:
+    with _open(args.url, read_only=False, timeout=args.timeout) as queue:
         result = pull(queue, client, args.project)
     for conflict in result.conflicts:
         print(conflict.describe(), file=sys.stderr)
@@ -311,7 +327,7 @@ def _studio(args: argparse.Namespace) -> Any:
 
 
 def format_items(items: Sequence[QueueItem]) -> str:
-    """A readable table of items (no inputs)."""
+    """A readable table of items (no inputs); control characters in any cell are escaped."""
     headers = [
         "ID",
         "STATUS",
@@ -352,7 +368,11 @@ def format_items(items: Sequence[QueueItem]) -> str:
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Left-aligned columns under ``headers``, two spaces apart (no trailing spaces)."""
+    """Left-aligned columns under ``headers``, two spaces apart (no trailing spaces).
+
+    Cells are printed with control characters escaped: one row per line, always.
+    """
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(headers)]
     lines = [
         "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()

@@ -31,7 +31,8 @@ from oodmon.ocs import OCS
 __all__ = ["add_demo_arguments", "run_demo"]
 
 _MODEL_NAME = "mnist-cnn"
-_DEFAULT_PORT = 9464
+# not 9464, the README's wrapping example's port: the demo and that example can run at once
+_DEFAULT_PORT = 9465
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ path; :func:`export_queue` writes Label Studio tasks or JSON Lines. The modules,
 
 from oodmon.label_queue.errors import (
     ItemNotFoundError,
+    ItemRejectedError,
     LeaseError,
     NotAQueueError,
     QueueError,
@@ -41,6 +42,7 @@ __all__ = [
     "STATUSES",
     "AddResult",
     "ItemNotFoundError",
+    "ItemRejectedError",
     "LabelQueue",
     "LeaseError",
     "NotAQueueError",

@@ -11,6 +11,7 @@ from oodmon.errors import FormatVersionError, OodmonError
 
 __all__ = [
     "ItemNotFoundError",
+    "ItemRejectedError",
     "LeaseError",
     "NotAQueueError",
     "QueueError",
@@ -30,6 +31,14 @@ class SchemaVersionError(QueueError, FormatVersionError):
 
 class QueueUnavailableError(QueueError, ConnectionError):
     """The database could not be reached or is busy (a runtime failure, worth retrying)."""
+
+
+class ItemRejectedError(QueueError, ValueError):
+    """The store refused an item's values (a string it cannot encode, a number out of range).
+
+    Retrying cannot help: the same values fail the same way. A
+    :class:`~oodmon.label_queue.QueueWriter` isolates such items and drops them, counted.
+    """
 
 
 class ReadOnlyQueueError(QueueError, PermissionError):

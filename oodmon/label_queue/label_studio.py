@@ -531,12 +531,13 @@ def pull(
 
 
 def _label(queue: LabelQueue, item_id: str, label: str, annotator: str) -> None:
+    # overwrite: pull has already decided that this annotation is the later label
     try:
-        queue.done(item_id, label, worker=annotator)
+        queue.done(item_id, label, worker=annotator, overwrite=True)
     except LeaseError:
         # someone claimed it in the queue but has not labelled it: the annotation wins
         queue.release(item_id)
-        queue.done(item_id, label, worker=annotator)
+        queue.done(item_id, label, worker=annotator, overwrite=True)
     except ItemNotFoundError:  # deleted meanwhile: nothing to label
         pass
 

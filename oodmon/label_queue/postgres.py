@@ -12,6 +12,8 @@ URL is opened. Concurrency:
 A read-only queue sets ``default_transaction_read_only`` on its session, so the server
 itself refuses any write. A dropped connection is re-opened on the next call. Connection
 errors never carry the password of the URL (see :func:`oodmon.label_queue.url.scrub`).
+Values the server or the driver cannot store (NUL in text, a lone surrogate, a number out of
+range) raise :class:`~oodmon.label_queue.ItemRejectedError`: retrying cannot help.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from oodmon.label_queue.errors import (
+    ItemRejectedError,
     QueueError,
     QueueUnavailableError,
     ReadOnlyQueueError,
@@ -110,6 +113,12 @@ class PostgresBackend:
             ) from None
         except psycopg.OperationalError as err:
             raise self._unavailable("Failed to use", err) from None
+        except (psycopg.DataError, psycopg.IntegrityError, UnicodeError, OverflowError) as err:
+            # the values, not the server: NUL in text, a surrogate, a number out of range
+            raise ItemRejectedError(
+                f"The label queue {self.location.redacted} refused a value: "
+                f"{_one_line(scrub(str(err), self.location.target))}"
+            ) from None
         except psycopg.Error as err:
             raise QueueError(
                 f"The label queue {self.location.redacted} failed: "

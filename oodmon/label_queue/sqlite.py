@@ -5,7 +5,11 @@ done never interleave; readers use plain ``BEGIN`` and see a consistent snapshot
 writer works (WAL). ``synchronous=FULL`` makes every committed transaction durable before
 ``COMMIT`` returns, which is what :class:`~oodmon.label_queue.QueueWriter` reports as
 committed. A read-only queue opens the file with ``mode=ro``: SQLite may create the
-``-wal``/``-shm`` side files it needs to read, but never changes the database.
+``-wal``/``-shm`` side files it needs to read, but never changes the database; where it may
+not create them (a read-only directory), the file is read as immutable. A locked database is
+a :class:`~oodmon.label_queue.QueueUnavailableError` (busy: worth retrying), never a
+"not a database" error; a value the driver cannot bind is an
+:class:`~oodmon.label_queue.ItemRejectedError`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 from urllib.parse import quote
 
 from oodmon.label_queue.errors import (
+    ItemRejectedError,
     NotAQueueError,
     QueueError,
     QueueUnavailableError,
@@ -57,32 +62,58 @@ class SQLiteBackend:
                         f"Cannot create a label queue at {path}: the directory {file.parent} "
                         "does not exist."
                     )
+        self.conn = self._connect(path, read_only=read_only, timeout=timeout)
         try:
-            if read_only:
-                uri = "file:" + quote(str(Path(path).resolve())) + "?mode=ro"
-                self.conn = sqlite3.connect(
-                    uri, uri=True, timeout=timeout, isolation_level=None, check_same_thread=False
-                )
-            else:
-                self.conn = sqlite3.connect(
-                    path, timeout=timeout, isolation_level=None, check_same_thread=False
-                )
-        except sqlite3.Error as err:
-            raise QueueUnavailableError(f"Cannot open the label queue {path}: {err}.") from err
-        try:
-            if not read_only and not memory:
-                mode = self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-                if str(mode).lower() != "wal":
-                    raise QueueError(f"Could not switch {path} to WAL mode (got {mode!r}).")
-                self.conn.execute("PRAGMA synchronous = FULL")
-            self.conn.execute("PRAGMA query_only = " + ("ON" if read_only else "OFF"))
-            self.conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            self._configure(read_only=read_only, memory=memory)
+        except sqlite3.OperationalError as err:
+            self.conn.close()
+            if not read_only or not _needs_write_access(err):
+                raise self._error(err) from err
+            # A reader of a WAL database creates the -shm index next to it; in a directory
+            # it may not write to, reading the file as immutable (main file only) still works.
+            self.conn = self._connect(path, read_only=True, timeout=timeout, immutable=True)
+            try:
+                self._configure(read_only=True, memory=False)
+            except sqlite3.OperationalError as again:
+                self.conn.close()
+                raise self._error(again) from again
+            except sqlite3.DatabaseError as again:
+                self.conn.close()
+                raise NotAQueueError(f"{path} is not a usable SQLite database: {again}.") from again
         except sqlite3.DatabaseError as err:
             self.conn.close()
             raise NotAQueueError(f"{path} is not a usable SQLite database: {err}.") from err
         except BaseException:
             self.conn.close()
             raise
+
+    @staticmethod
+    def _connect(
+        path: str, *, read_only: bool, timeout: float, immutable: bool = False
+    ) -> sqlite3.Connection:
+        try:
+            if read_only:
+                flags = "?immutable=1" if immutable else "?mode=ro"
+                uri = "file:" + quote(str(Path(path).resolve())) + flags
+                return sqlite3.connect(
+                    uri, uri=True, timeout=timeout, isolation_level=None, check_same_thread=False
+                )
+            return sqlite3.connect(
+                path, timeout=timeout, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as err:
+            raise QueueUnavailableError(f"Cannot open the label queue {path}: {err}.") from err
+
+    def _configure(self, *, read_only: bool, memory: bool) -> None:
+        """WAL and durable commits for a writer; ``query_only`` for a reader; then one read."""
+        path = self.location.target
+        if not read_only and not memory:
+            mode = self.conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise QueueError(f"Could not switch {path} to WAL mode (got {mode!r}).")
+            self.conn.execute("PRAGMA synchronous = FULL")
+        self.conn.execute("PRAGMA query_only = " + ("ON" if read_only else "OFF"))
+        self.conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
 
     # ------------------------------------------------------------------ Backend protocol
 
@@ -144,20 +175,39 @@ class SQLiteBackend:
         try:
             return fn(*args)
         except sqlite3.OperationalError as err:
-            text = str(err)
-            where = self.location.redacted
-            if "readonly" in text or "read-only" in text:
-                raise ReadOnlyQueueError(f"The label queue {where} is read-only: {text}.") from err
-            if "locked" in text or "busy" in text:
-                raise QueueUnavailableError(
-                    f"The label queue {where} stayed locked by another process: {text}."
-                ) from err
-            if "no such table" in text or "no such column" in text:
-                raise QueueError(f"The label queue {where} is damaged: {text}.") from err
-            raise QueueUnavailableError(f"The label queue {where} failed: {text}.") from err
+            raise self._error(err) from err
+        except (sqlite3.DataError, sqlite3.IntegrityError, sqlite3.InterfaceError) as err:
+            raise ItemRejectedError(
+                f"The label queue {self.location.redacted} refused a value: {err}."
+            ) from err
         except sqlite3.DatabaseError as err:
             if "not a database" in str(err):
                 raise NotAQueueError(
                     f"{self.location.redacted} is not an SQLite database: {err}."
                 ) from err
             raise QueueError(f"The label queue {self.location.redacted} failed: {err}.") from err
+        except (UnicodeError, OverflowError) as err:  # raised while binding a value
+            raise ItemRejectedError(
+                f"The label queue {self.location.redacted} cannot store a value: "
+                f"{type(err).__name__}: {err}."
+            ) from err
+
+    def _error(self, err: sqlite3.OperationalError) -> QueueError:
+        """The queue error for an operational failure: busy and locked are worth retrying."""
+        text = str(err)
+        where = self.location.redacted
+        if "locked" in text or "busy" in text:
+            return QueueUnavailableError(
+                f"The label queue {where} is locked by another process (busy); try again: {text}."
+            )
+        if "readonly" in text or "read-only" in text:
+            return ReadOnlyQueueError(f"The label queue {where} is read-only: {text}.")
+        if "no such table" in text or "no such column" in text:
+            return QueueError(f"The label queue {where} is damaged: {text}.")
+        return QueueUnavailableError(f"The label queue {where} failed: {text}.")
+
+
+def _needs_write_access(err: sqlite3.OperationalError) -> bool:
+    """A read-only open failed for want of write access to the directory (``-shm``)."""
+    text = str(err)
+    return "readonly" in text or "read-only" in text or "unable to open" in text

@@ -71,10 +71,22 @@ from oodmon.label_queue.postgres import PostgresBackend
 from oodmon.label_queue.sqlite import SQLiteBackend
 from oodmon.label_queue.url import QueueURL, parse_url
 
-__all__ = ["DEFAULT_CAPACITY", "SCHEMA_VERSION", "Backend", "LabelQueue", "open_backend"]
+__all__ = [
+    "DEFAULT_CAPACITY",
+    "MAX_CLAIM",
+    "MAX_LEASE_SECONDS",
+    "SCHEMA_VERSION",
+    "Backend",
+    "LabelQueue",
+    "open_backend",
+]
 
 #: Open items (queued + claimed) a new queue holds by default.
 DEFAULT_CAPACITY = 100_000
+#: Most items one :meth:`LabelQueue.claim` hands out (they are loaded with their inputs).
+MAX_CLAIM = 100_000
+#: Longest lease a claim may take: one year (a lease ends as a date).
+MAX_LEASE_SECONDS = 365 * 86_400.0
 
 
 def open_backend(location: QueueURL, *, read_only: bool, create: bool, timeout: float) -> Backend:
@@ -308,17 +320,33 @@ class LabelQueue:
 
         Items whose lease lapsed are queued again first. Two concurrent claimers never get
         the same item (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: ``FOR UPDATE SKIP LOCKED``).
+        Arguments are checked before anything changes.
 
         Returns:
             Up to n items (inputs included), most OOD first, with status ``"claimed"``.
+
+        Raises:
+            ValueError: ``n`` outside 1..``MAX_CLAIM``, an empty worker, or a lease outside
+                (0, ``MAX_LEASE_SECONDS``].
         """
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"Expected `n` to be a positive integer, but got {n!r}.")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_CLAIM:
+            raise ValueError(
+                f"Expected `n` to be an integer in [1, {MAX_CLAIM}], but got {n!r}; claim in "
+                "smaller batches."
+            )
         if not isinstance(worker, str) or not worker:
             raise ValueError(f"Expected `worker` to be a non-empty string, but got {worker!r}.")
-        lease = float(lease_seconds)
-        if not (math.isfinite(lease) and lease > 0):
-            raise ValueError(f"Expected `lease_seconds` > 0, but got {lease_seconds!r}.")
+        try:
+            lease = float(lease_seconds)
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"Expected `lease_seconds` to be a number, but got {lease_seconds!r}."
+            ) from err
+        if not (math.isfinite(lease) and 0 < lease <= MAX_LEASE_SECONDS):
+            raise ValueError(
+                f"Expected `lease_seconds` in (0, {MAX_LEASE_SECONDS:.0f}] (one year at most), "
+                f"but got {lease_seconds!r}."
+            )
         with self.transaction(write=True) as db:
             now = self.clock()
             expire_leases(db, now)
@@ -343,19 +371,33 @@ class LabelQueue:
             for row in rows
         ]
 
-    def done(self, id: str, label: str, worker: str | None = None) -> QueueItem:
-        """Record ``label`` for item ``id`` and mark it done (labelling again overwrites).
+    def done(
+        self, id: str, label: str, worker: str | None = None, *, overwrite: bool = True
+    ) -> QueueItem:
+        """Record ``label`` for item ``id`` and mark it done.
+
+        Args:
+            id: the item.
+            label: the label.
+            worker: who labels it; refused if another worker holds a live lease on it.
+            overwrite: False refuses an item that already has a label (True replaces it).
 
         Raises:
             ItemNotFoundError: no such item.
-            LeaseError: ``worker`` is given and another worker holds a live lease on it.
+            LeaseError: ``worker`` is given and another worker holds a live lease on it, or
+                ``overwrite`` is False and the item already has a label.
         """
         if not isinstance(label, str) or not label:
             raise ValueError(f"Expected `label` to be a non-empty string, but got {label!r}.")
         worker = _check_worker(worker)
         with self.transaction(write=True) as db:
             now = self.clock()
-            _status, holder = self._lockable(db, id, worker, now, "label")
+            _status, holder, previous = self._lockable(db, id, worker, now, "label")
+            if previous is not None and not overwrite:
+                raise LeaseError(
+                    f"Item {id!r} is already labelled {previous!r}; replacing a label needs "
+                    "overwrite=True (--force on the command line)."
+                )
             db.execute(
                 "UPDATE items SET status = 'done', label = ?, labelled_at = ?, "
                 "claimed_by = ?, lease_expires_at = NULL WHERE id = ?",
@@ -376,7 +418,7 @@ class LabelQueue:
         worker = _check_worker(worker)
         with self.transaction(write=True) as db:
             now = self.clock()
-            status, _ = self._lockable(db, id, worker, now, "release")
+            status, _, _ = self._lockable(db, id, worker, now, "release")
             if status == "done":
                 raise LeaseError(f"Item {id!r} is already labelled; it cannot be released.")
             db.execute(
@@ -387,21 +429,23 @@ class LabelQueue:
 
     def _lockable(
         self, db: Backend, id: str, worker: str | None, now: float, action: str
-    ) -> tuple[str, str | None]:
+    ) -> tuple[str, str | None, str | None]:
+        """Status, lease holder and label of item ``id``, locked; refuses another's lease."""
         lock = " FOR UPDATE" if db.lock_clause else ""
         rows = db.query(
-            f"SELECT status, claimed_by, lease_expires_at FROM items WHERE id = ?{lock}", (id,)
+            f"SELECT status, claimed_by, lease_expires_at, label FROM items WHERE id = ?{lock}",
+            (id,),
         )
         if not rows:
             raise ItemNotFoundError(f"No item with id {id!r} in {self.url}.")
-        status, holder, expires = rows[0]
+        status, holder, expires, label = rows[0]
         live = status == "claimed" and expires is not None and expires > now
         if worker is not None and live and holder != worker:
             raise LeaseError(
                 f"Item {id!r} is claimed by {holder!r} until {format_utc(expires)}; {worker!r} "
                 f"cannot {action} it (omit the worker to override)."
             )
-        return str(status), holder
+        return str(status), holder, label
 
     # ------------------------------------------------------------------ reading
 
