@@ -118,7 +118,8 @@ METRICS: tuple[MetricSpec, ...] = (
     ),
     MetricSpec(
         "oodmon_invalid_outputs_total", "counter", (*_MODEL_LABELS, "reason"),
-        "Rows that could not be scored (nonfinite, wrong_width, wrong_shape, other).",
+        "Rows that could not be scored (nonfinite, wrong_width, wrong_shape, wrong_dtype, "
+        "wrong_layout, other).",
     ),
     MetricSpec(
         "oodmon_monitor_errors_total", "counter", (*_MODEL_LABELS, "kind"),
