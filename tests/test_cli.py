@@ -207,3 +207,27 @@ def test_console_script_runs_end_to_end(files: dict[str, Path]) -> None:
     inspect = subprocess.run([str(exe), "inspect", str(files["detector"])], capture_output=True,
                              text=True, timeout=120)  # fmt: skip
     assert inspect.returncode == 0 and "cross_entropy" in inspect.stdout
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("oodmon: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_forged_or_hostile_detector_files_exit_2(
+    files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run("calibrate", "--outputs", files["cal"], "--counts", ",".join(["1"] * 10),
+        "-o", files["detector"])  # fmt: skip
+    capsys.readouterr()
+    data = json.loads(files["detector"].read_text())
+    data["ocs"]["target"] = [-1.0] * 10
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps(data))
+    assert run("inspect", forged) == 2
+    assert "class probabilities in (0, 1] summing to 1" in _one_line_error(capsys)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    assert run("score", "--detector", deep, "--outputs", files["test"]) == 2
+    assert "nested too deeply" in _one_line_error(capsys)
