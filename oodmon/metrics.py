@@ -123,7 +123,9 @@ METRICS: tuple[MetricSpec, ...] = (
     ),
     MetricSpec(
         "oodmon_monitor_errors_total", "counter", (*_MODEL_LABELS, "kind"),
-        "Monitoring failures (inference went on); kind is the exception class name.",
+        "Monitoring failures (inference went on); kind is the exception class name, or "
+        "OutputKindMismatch for batches that look like another kind of output than the "
+        "detector expects.",
     ),
     MetricSpec(
         "oodmon_monitor_skipped_total", "counter", _MODEL_LABELS,

@@ -36,10 +36,17 @@ from oodmon._batcher import Batcher, row_count
 from oodmon._lifecycle import LogOnce, Stage, forget, track
 from oodmon.detector import Detector
 from oodmon.errors import OutputShapeError
+from oodmon.scores import KIND_DESCRIPTIONS, kind_mismatch
 from oodmon.sinks import DetectorSummary, MetricsSink, QueueSink
 from oodmon.verdict import HostVerdict, Observation, Verdict
 
-__all__ = ["DEFAULT_MAX_PENDING", "DEFAULT_MAX_PENDING_BYTES", "Monitor", "MonitorStats"]
+__all__ = [
+    "DEFAULT_MAX_PENDING",
+    "DEFAULT_MAX_PENDING_BYTES",
+    "KIND_MISMATCH",
+    "Monitor",
+    "MonitorStats",
+]
 
 logger = logging.getLogger("oodmon")
 
@@ -47,6 +54,9 @@ logger = logging.getLogger("oodmon")
 DEFAULT_MAX_PENDING = 65_536
 #: The same bound in bytes of copied outputs and inputs (256 MiB).
 DEFAULT_MAX_PENDING_BYTES = 256 * 2**20
+#: ``stats().errors`` key (and ``kind`` label of ``oodmon_monitor_errors_total``) counting
+#: batches whose outputs look like another kind than the detector expects.
+KIND_MISMATCH = "OutputKindMismatch"
 
 
 @dataclass(frozen=True)
@@ -407,6 +417,7 @@ class Monitor:
             reasons = {err.reason: rows}
         else:
             host = verdict.to_host()  # the one device-to-host copy of this batch
+            self._check_kind(x)
             self._batcher.yield_if_worker()
             nonfinite = int(host.invalid.sum())
             reasons = {"nonfinite": nonfinite} if nonfinite else {}
@@ -453,6 +464,35 @@ class Monitor:
                         invalid_reasons=reasons)
         )  # fmt: skip
         return None
+
+    def _check_kind(self, x: Tensor) -> None:
+        """Warn (once) and count when softmax outputs look like another kind than expected.
+
+        Probabilities scored as logits sit close to the OCS and every row is flagged; only a
+        few rows are read, after the batch's device-to-host copy.
+        """
+        if self.detector.ocs.loss != "cross_entropy":
+            return
+        try:
+            looks = kind_mismatch(x, self.detector.kind)
+        except Exception:  # a check must never cost the batch
+            return
+        if looks is None:
+            return
+        kind = KIND_MISMATCH
+        with self._lock:
+            self._errors[kind] = self._errors.get(kind, 0) + 1
+        self._log_once(
+            kind,
+            f"oodmon monitor {self.name!r}: the outputs look like {KIND_DESCRIPTIONS[looks]}, "
+            f"but the detector expects kind={self.detector.kind!r}, so its verdicts are "
+            f"meaningless (most rows get flagged). Build the Detector with kind={looks!r} "
+            f"(`oodmon calibrate --kind {looks}`), or pass what it expects. Counted in "
+            f"stats().errors[{kind!r}].",
+        )
+        if self.metrics is not None:
+            with contextlib.suppress(Exception):
+                self.metrics.record_error(self.name, self.version, kind)
 
     def _log_shape_problem(self, reason: str, x: Tensor) -> None:
         if reason == "wrong_width":

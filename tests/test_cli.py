@@ -231,3 +231,22 @@ def test_forged_or_hostile_detector_files_exit_2(
     deep.write_text("[" * 100_000 + "]" * 100_000)
     assert run("score", "--detector", deep, "--outputs", files["test"]) == 2
     assert "nested too deeply" in _one_line_error(capsys)
+
+
+def test_outputs_of_the_wrong_kind_exit_2_naming_the_flag(
+    files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    probs = tmp_path / "probs.npy"
+    np.save(probs, torch.from_numpy(np.load(files["test"])).softmax(-1).numpy())
+    run("calibrate", "--outputs", files["cal"], "--counts", ",".join(["1"] * 10),
+        "-o", files["detector"])  # fmt: skip
+    capsys.readouterr()
+    assert run("score", "--detector", files["detector"], "--outputs", probs) == 2
+    err = _one_line_error(capsys)
+    assert "look like probabilities" in err and "--kind probs" in err
+    assert run("calibrate", "--outputs", probs, "--counts", ",".join(["1"] * 10),
+               "-o", tmp_path / "d.json") == 2  # fmt: skip
+    assert "pass `--kind probs`" in _one_line_error(capsys)
+    assert run("calibrate", "--outputs", files["cal"], "--counts", ",".join(["1"] * 10),
+               "--kind", "probs", "-o", tmp_path / "d.json") == 2  # fmt: skip
+    assert "pass `--kind logits`" in _one_line_error(capsys)

@@ -368,3 +368,25 @@ def test_an_unprintable_error_does_not_escape_the_error_path(
     monkeypatch.setattr(monitor.detector, "predict", explode)
     assert monitor.observe(id_logits(3, seed=5)) is None
     assert monitor.stats().errors == {"Unprintable": 1}
+
+
+def test_probabilities_fed_to_a_logits_detector_warn_once_and_count(
+    detector: Detector, caplog: pytest.LogCaptureFixture
+) -> None:
+    from oodmon.monitor import KIND_MISMATCH
+
+    metrics = InMemoryMetrics()
+    monitor = Monitor(detector, "m", "1", metrics)
+    monitor.observe(id_logits(50, seed=6))
+    assert monitor.stats().errors == {}
+    with caplog.at_level(logging.WARNING, logger="oodmon"):
+        for seed in (7, 8, 9):
+            monitor.observe(id_logits(50, seed=seed).softmax(-1))
+    stats = monitor.stats()
+    assert stats.errors == {KIND_MISMATCH: 3}
+    assert stats.seen == 200  # still scored: a warning, not a dropped batch
+    warnings = [r for r in caplog.records if "look like probabilities" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "kind='probs'" in warnings[0].getMessage()
+    monitor.observe(id_logits(50, seed=10).log_softmax(-1))  # log-probabilities are logits
+    assert monitor.stats().errors == {KIND_MISMATCH: 3}

@@ -24,7 +24,7 @@ from oodmon.cli import sidecar as sidecar_commands
 from oodmon.detector import Detector
 from oodmon.errors import OodmonError
 from oodmon.ocs import LOSSES, OCS
-from oodmon.scores import INPUT_KINDS, SCORES
+from oodmon.scores import INPUT_KINDS, KIND_DESCRIPTIONS, SCORES, kind_mismatch
 from oodmon.verdict import HostVerdict
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -130,6 +130,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     """``oodmon calibrate``: fit a Detector on saved outputs and save it as JSON."""
     ocs = build_ocs(args)
     outputs = load_array(args.outputs, "outputs", args.key)
+    check_kind(outputs, ocs, args.kind, "pass `--kind {fix}` (what the outputs hold)")
     detector = Detector(ocs, score=args.score, alpha=args.alpha, kind=args.kind).fit(outputs)
     path = detector.save(args.output)
     print(
@@ -139,6 +140,22 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         + f", threshold {detector.threshold_:.6g}, hash {detector.calibration_hash_}"
     )
     return EXIT_OK
+
+
+def check_kind(outputs: torch.Tensor, ocs: OCS, kind: str, advice: str) -> None:
+    """Refuse softmax outputs that look like another kind than ``kind`` (all would flag).
+
+    ``advice`` names the fix; ``{fix}`` in it becomes the kind the outputs look like.
+    """
+    if ocs.loss != "cross_entropy" or outputs.ndim != 2 or not outputs.is_floating_point():
+        return
+    looks = kind_mismatch(outputs, kind, rows=64)
+    if looks is None:
+        return
+    raise UsageError(
+        f"Expected outputs of kind {kind!r}, but they look like {KIND_DESCRIPTIONS[looks]}: "
+        f"{advice.format(fix=looks)}."
+    )
 
 
 def load_detector(path: str) -> Detector:
@@ -155,6 +172,11 @@ def cmd_score(args: argparse.Namespace) -> int:
     if args.alpha is not None:
         detector = detector.with_alpha(args.alpha)
     outputs = load_array(args.outputs, "outputs", args.key)
+    check_kind(
+        outputs, detector.ocs, detector.kind,
+        "score the raw logits, or calibrate a detector on these outputs with "
+        "`oodmon calibrate --kind {fix}`",
+    )  # fmt: skip
     host = detector.predict(outputs).to_host()
     fmt = args.format or ("jsonl" if args.output and args.output.endswith(".jsonl") else "csv")
     if args.output:
