@@ -250,3 +250,85 @@ def test_outputs_of_the_wrong_kind_exit_2_naming_the_flag(
     assert run("calibrate", "--outputs", files["cal"], "--counts", ",".join(["1"] * 10),
                "--kind", "probs", "-o", tmp_path / "d.json") == 2  # fmt: skip
     assert "pass `--kind logits`" in _one_line_error(capsys)
+
+
+_SLOW_TORCH = """
+import sys, time
+class SlowTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.stderr.write("importing torch\\n")
+            sys.stderr.flush()
+            time.sleep(60)
+        return None
+sys.meta_path.insert(0, SlowTorch())
+import oodmon_entry
+sys.exit(oodmon_entry.main())
+"""
+
+
+def test_ctrl_c_while_torch_imports_is_one_line_exit_130() -> None:
+    import signal
+
+    with subprocess.Popen(
+        [sys.executable, "-c", _SLOW_TORCH, "--version"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as process:  # fmt: skip
+        assert process.stderr is not None
+        assert process.stderr.readline() == "importing torch\n"
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert err == "oodmon: interrupted\n" and out == ""
+
+
+def test_a_closed_output_pipe_ends_quietly(files: dict[str, Path], tmp_path: Path) -> None:
+    many = tmp_path / "many.npy"
+    np.save(many, id_logits(20_000, seed=9).numpy())
+    run("calibrate", "--outputs", files["cal"], "--counts", ",".join(["1"] * 10),
+        "-o", files["detector"])  # fmt: skip
+    with subprocess.Popen(
+        [sys.executable, "-m", "oodmon.cli", "score", "--detector", str(files["detector"]),
+         "--outputs", str(many)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    ) as process:  # fmt: skip
+        assert process.stdout is not None and process.stderr is not None
+        assert process.stdout.readline().startswith(b"index,score")
+        process.stdout.close()  # what `| head -1` does
+        err = process.stderr.read()
+        assert process.wait(timeout=120) == 141
+    assert err == b""
+
+
+def test_unreadable_pt_files_are_one_line(
+    files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"PK\x03\x04 this is not a torch archive" * 10)
+    args = ("calibrate", "--outputs", junk, "--counts", ",".join(["1"] * 10), "-o",
+            tmp_path / "d.json")  # fmt: skip
+    assert run(*args) == 2
+    err = _one_line_error(capsys)
+    assert f"Could not read outputs from {junk}" in err and "--debug" in err
+    with pytest.raises(Exception) as info:
+        run("--debug", *args)
+    assert info.value.__cause__ is not None  # --debug: the full torch error, chained
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.zeros((3, 10), dtype=np.complex64),
+        np.zeros((3, 10), dtype=bool),
+        np.full((3, 10), "x"),
+    ],
+    ids=["complex", "bool", "string"],
+)
+def test_non_real_npy_files_exit_2(
+    array: np.ndarray, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "outputs.npy"
+    np.save(path, array)
+    assert run("calibrate", "--outputs", path, "--counts", ",".join(["1"] * 10),
+               "-o", tmp_path / "d.json") == 2  # fmt: skip
+    assert f"holds NumPy dtype {array.dtype}" in _one_line_error(capsys)

@@ -1,15 +1,18 @@
 """The ``oodmon`` command line.
 
 Exit codes: 0 success; 1 a runtime failure (e.g. an unreachable database); 2 bad usage or bad
-input (a missing file, a malformed argument); 130 interrupted. Errors are one line on stderr,
-never a traceback (``--debug`` shows it).
+input (a missing file, a malformed argument); 130 interrupted; 141 the reader of the output
+went away (``oodmon score ... | head``), quietly, as Unix tools do. Errors are one line on
+stderr, never a traceback (``--debug`` shows it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +31,8 @@ from oodmon.scores import INPUT_KINDS, KIND_DESCRIPTIONS, SCORES, kind_mismatch
 from oodmon.verdict import HostVerdict
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+#: The reader of stdout went away: the status of a Unix tool ended by SIGPIPE (128 + 13).
+EXIT_BROKEN_PIPE = 141
 
 
 class UsageError(OodmonError, ValueError):
@@ -63,7 +68,10 @@ def load_array(path: str | Path, what: str, key: str | None = None) -> torch.Ten
     except UsageError:
         raise
     except Exception as err:
-        raise UsageError(f"Could not read {what} from {file}: {err}") from err
+        # torch's own text spans several lines; the first says what went wrong
+        raise UsageError(
+            f"Could not read {what} from {file}: {first_line(err)} (--debug shows the rest)"
+        ) from err
     if isinstance(data, dict):
         if key is None and len(data) == 1:
             key = next(iter(data))
@@ -73,10 +81,29 @@ def load_array(path: str | Path, what: str, key: str | None = None) -> torch.Ten
             )
         data = data[key]
     if isinstance(data, np.ndarray):
+        if data.dtype.kind not in "fiu":
+            raise UsageError(
+                f"Expected real numbers ({what}) in {file}, but it holds NumPy dtype "
+                f"{data.dtype}; save a float or integer array."
+            )
         return torch.from_numpy(data)
     if isinstance(data, torch.Tensor):
+        if data.dtype == torch.bool or data.is_complex() or data.layout != torch.strided:
+            raise UsageError(
+                f"Expected real numbers ({what}) in {file}, but it holds a {data.dtype} tensor"
+                f"{'' if data.layout == torch.strided else f' with layout {data.layout}'}; "
+                "save a dense float or integer tensor."
+            )
         return data
     raise UsageError(f"Expected an array of {what} in {file}, but found {type(data).__name__}.")
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an error's message (its type name if it has none)."""
+    for line in str(err).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(err).__name__
 
 
 def parse_counts(text: str) -> list[int]:
@@ -274,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="oodmon",
         description="Out-of-distribution monitor: flags model outputs that revert to the "
         "optimal constant solution (OCS) of the training loss.",
-        epilog="Exit codes: 0 ok, 1 runtime failure, 2 bad usage or input, 130 interrupted.",
+        epilog="Exit codes: 0 ok, 1 runtime failure, 2 bad usage or input, 130 interrupted, "
+        "141 output pipe closed.",
     )
     parser.add_argument("--version", action="version", version=f"oodmon {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -348,13 +376,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``oodmon`` console script; returns the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        return int(args.handler(args))
+        parser = build_parser()
+        args = parser.parse_args(argv)
     except KeyboardInterrupt:
         print("oodmon: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    try:
+        code = int(args.handler(args))
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
+        return code
+    except KeyboardInterrupt:
+        print("oodmon: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`oodmon score ... | head`): end quietly, as Unix tools do,
+        # and point stdout at /dev/null so the exit-time flush cannot fail again.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except Exception as err:
         if args.debug:
             raise
@@ -363,6 +404,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if isinstance(err, (ValueError, FileNotFoundError, IsADirectoryError, PermissionError))
             else EXIT_RUNTIME
         )
-        message = str(err) or type(err).__name__
+        message = " ".join(_describe(err).split()) or type(err).__name__
         print(f"oodmon: error: {message}", file=sys.stderr)
         return code
+
+
+def _describe(err: BaseException) -> str:
+    try:
+        return str(err)
+    except Exception:
+        return type(err).__name__
