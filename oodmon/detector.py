@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from oodmon import conformal
+from oodmon._atomic import atomic_write
 from oodmon.errors import FormatVersionError, NotFittedError, OutputShapeError
 from oodmon.ocs import OCS
 from oodmon.scores import (
@@ -335,9 +336,9 @@ class Detector:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write JSON atomically (a crash never leaves a half-written detector)."""
         target = Path(path)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False))
-        os.replace(tmp, target)
+        text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
+        with atomic_write(target) as stream:
+            stream.write(text)
         return target
 
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import json
 import subprocess
 import sys
@@ -332,3 +333,38 @@ def test_non_real_npy_files_exit_2(
     assert run("calibrate", "--outputs", path, "--counts", ",".join(["1"] * 10),
                "-o", tmp_path / "d.json") == 2  # fmt: skip
     assert f"holds NumPy dtype {array.dtype}" in _one_line_error(capsys)
+
+
+def test_a_failed_export_keeps_the_previous_file(
+    files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    cli_main = importlib.import_module("oodmon.cli.main")  # the module, not the function
+
+    run("calibrate", "--outputs", files["cal"], "--counts", ",".join(["1"] * 10),
+        "-o", files["detector"])  # fmt: skip
+    out = tmp_path / "verdicts.jsonl"
+    assert run("score", "--detector", files["detector"], "--outputs", files["test"],
+               "-o", out) == 0  # fmt: skip
+    good = out.read_text()
+
+    def fail_half_way(host, stream, fmt) -> None:  # type: ignore[no-untyped-def]
+        stream.write('{"index": 0, "sco')
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(cli_main, "write_verdicts", fail_half_way)
+    assert run("score", "--detector", files["detector"], "--outputs", files["test"],
+               "-o", out) == 1  # fmt: skip
+    assert "No space left on device" in capsys.readouterr().err
+    assert out.read_text() == good
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_missing_output_directory_is_named(
+    files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "no-such-dir" / "d.json"
+    assert run("calibrate", "--outputs", files["cal"], "--counts", ",".join(["1"] * 10),
+               "-o", target) == 2  # fmt: skip
+    err = _one_line_error(capsys)
+    assert f"the directory {target.parent} does not exist" in err and ".tmp" not in err

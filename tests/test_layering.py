@@ -24,6 +24,7 @@ LAYER_OF = {
     "oodmon.ocs": "core",
     "oodmon.scores": "core",
     "oodmon.conformal": "core",
+    "oodmon._atomic": "core",
     "oodmon.detector": "decision",
     "oodmon.verdict": "decision",
     "oodmon.monitor": "middleware",

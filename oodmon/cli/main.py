@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from oodmon import __version__
+from oodmon._atomic import atomic_write
 from oodmon.cli import queue as queue_commands
 from oodmon.cli import sidecar as sidecar_commands
 from oodmon.detector import Detector
@@ -207,7 +208,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     host = detector.predict(outputs).to_host()
     fmt = args.format or ("jsonl" if args.output and args.output.endswith(".jsonl") else "csv")
     if args.output:
-        with open(args.output, "w", newline="") as stream:
+        with atomic_write(args.output, newline="") as stream:
             write_verdicts(host, stream, fmt)
         print(
             f"wrote {len(host)} verdicts to {args.output}: {int(host.flag.sum())} flagged, "
