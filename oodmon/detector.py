@@ -126,7 +126,18 @@ class Detector:
         Raises:
             ValueError: wrong width, no valid rows, or too few rows for ``alpha``.
         """
-        x = self._check_outputs(id_outputs)
+        try:
+            x = as_batch(id_outputs, self.num_outputs)
+        except OutputShapeError as err:
+            if err.reason != "wrong_width" or not _is_matrix(id_outputs):
+                raise
+            raise OutputShapeError(
+                f"The calibration outputs have {_width(id_outputs)} columns but the OCS has "
+                f"{self.num_outputs} outputs ({self.ocs.loss}): build the OCS with the model's "
+                "own number of outputs (its class count: `num_classes`, `counts`, or "
+                "`oodmon calibrate --num-classes`/`--counts`).",
+                err.reason,
+            ) from None
         if x.shape[0] == 0:
             raise ValueError("Expected in-distribution outputs to calibrate on, but got 0 rows.")
         scores = conformal.finite_scores(self._score(x).detach().to("cpu", torch.float64))
@@ -227,7 +238,7 @@ class Detector:
         try:
             return as_batch(outputs, self.num_outputs)
         except OutputShapeError as err:
-            if err.reason != "wrong_width":
+            if err.reason != "wrong_width" or not _is_matrix(outputs):
                 raise
             raise OutputShapeError(
                 f"{err} Is this the model the detector was calibrated for?", err.reason
@@ -377,6 +388,15 @@ class Detector:
             f"Detector(loss={self.ocs.loss!r}, score={self.score!r}, alpha={self.alpha:g}, "
             f"kind={self.kind!r}{fitted})"
         )
+
+
+def _is_matrix(outputs: Any) -> bool:
+    """Whether outputs are 2-D (their width, not their shape, is what is wrong)."""
+    return len(getattr(outputs, "shape", ())) == 2
+
+
+def _width(outputs: Any) -> int:
+    return int(outputs.shape[1])
 
 
 def _whole_number(value: Any, name: str) -> int:

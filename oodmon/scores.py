@@ -73,6 +73,20 @@ def as_batch(outputs: Any, num_outputs: int | None = None) -> Tensor:
     if not isinstance(outputs, Tensor):
         outputs = torch.as_tensor(np.asarray(outputs))
     if outputs.ndim == 1:
+        if num_outputs is not None and outputs.shape[0] != num_outputs:
+            # a vector is taken as one row; say so rather than call its length "columns"
+            n = int(outputs.shape[0])
+            hint = (
+                f"if it holds {n // num_outputs} rows back to back, reshape it to "
+                f"[{n // num_outputs}, {num_outputs}]"
+                if n % num_outputs == 0
+                else "pass a 2-D [N, K] array with one row per sample"
+            )
+            raise OutputShapeError(
+                f"Expected outputs of shape [N, {num_outputs}] (or one row of {num_outputs} "
+                f"values), but got a 1-D array of {n} values: {hint}.",
+                reason="wrong_width",
+            )
         outputs = outputs.unsqueeze(0)
     if outputs.ndim != 2:
         k = "K" if num_outputs is None else num_outputs

@@ -368,3 +368,40 @@ def test_a_missing_output_directory_is_named(
                "-o", target) == 2  # fmt: skip
     err = _one_line_error(capsys)
     assert f"the directory {target.parent} does not exist" in err and ".tmp" not in err
+
+
+def test_messages_name_the_real_problem(
+    files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    counts = ",".join(["1"] * 10)
+    run("calibrate", "--outputs", files["cal"], "--counts", counts, "-o", files["detector"])
+    capsys.readouterr()
+    flat = tmp_path / "flat.npy"
+    np.save(flat, np.zeros(400, dtype=np.float32))
+    assert run("score", "--detector", files["detector"], "--outputs", flat) == 2
+    err = _one_line_error(capsys)
+    assert "a 1-D array of 400 values" in err and "reshape it to [40, 10]" in err
+    assert "columns" not in err
+
+    labels = tmp_path / "labels.npy"
+    np.save(labels, np.arange(7).repeat(10))
+    assert run("calibrate", "--outputs", files["cal"], "--labels", labels, "--num-classes", "7",
+               "-o", tmp_path / "d.json") == 2  # fmt: skip
+    err = _one_line_error(capsys)
+    assert "have 10 columns but the OCS has 7 outputs" in err and "--num-classes" in err
+    assert "calibrated for" not in err
+
+    state = tmp_path / "model.pt"
+    torch.save(torch.nn.Sequential(torch.nn.Linear(4, 10)).state_dict(), state)
+    assert run("calibrate", "--outputs", state, "--counts", counts,
+               "-o", tmp_path / "d.json") == 2  # fmt: skip
+    err = _one_line_error(capsys)
+    assert "looks like a model's state_dict" in err and "'0.weight'" in err
+    assert "--key" not in err
+
+    two = tmp_path / "two.pt"
+    torch.save({"logits": torch.zeros(3, 10), "features": torch.zeros(3, 4)}, two)
+    assert run("calibrate", "--outputs", two, "--counts", counts,
+               "-o", tmp_path / "d.json") == 2  # fmt: skip
+    err = _one_line_error(capsys)
+    assert "'features', 'logits'" in err and "with --key" in err

@@ -81,7 +81,7 @@ def test_use_before_fit_says_what_to_call(ocs: OCS) -> None:
 def test_class_count_mismatch_names_both_sizes(fitted: Detector) -> None:
     with pytest.raises(ValueError, match="10 columns.*but got 7"):
         fitted.predict(torch.zeros(3, 7))
-    with pytest.raises(ValueError, match="10 columns.*but got 7"):
+    with pytest.raises(ValueError, match="have 7 columns but the OCS has 10 outputs"):
         Detector(fitted.ocs).fit(torch.zeros(200, 7))
 
 
@@ -302,3 +302,10 @@ def test_hostile_json_becomes_a_clear_load_error(tmp_path, monkeypatch) -> None:
     big.write_text(" " * 3 * 2**20)
     with pytest.raises(ValueError, match=r"at most 2 MiB, but .* is 3.0 MiB"):
         Detector.load(big)
+
+
+def test_a_vector_of_the_wrong_length_is_not_called_columns(fitted: Detector) -> None:
+    with pytest.raises(ValueError, match=r"1-D array of 400 values: .* reshape it to \[40, 10\]"):
+        fitted.predict(torch.zeros(400))
+    with pytest.raises(ValueError, match="1-D array of 7 values: pass a 2-D"):
+        fitted.predict(np.zeros(7))

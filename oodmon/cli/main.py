@@ -74,11 +74,21 @@ def load_array(path: str | Path, what: str, key: str | None = None) -> torch.Ten
             f"Could not read {what} from {file}: {first_line(err)} (--debug shows the rest)"
         ) from err
     if isinstance(data, dict):
+        if key is None and _looks_like_state_dict(data):
+            raise UsageError(
+                f"{file} looks like a model's state_dict (parameters such as "
+                f"{_state_dict_example(data)!r}), not saved {what}: run the model on the data "
+                f"and save what it returns, e.g. `torch.save(model(x).detach(), {file.name!r})`."
+            )
         if key is None and len(data) == 1:
             key = next(iter(data))
         if key not in data:
+            keys = sorted(map(str, data))
+            shown = ", ".join(repr(k) for k in keys[:10]) + (", ..." if len(keys) > 10 else "")
             raise UsageError(
-                f"{file} holds a dict with keys {sorted(map(str, data))}; choose one with --key."
+                f"{file} holds a dict with {len(keys)} keys ({shown}) and "
+                + ("no --key was given" if key is None else f"no key {key!r}")
+                + f": name the entry that holds the {what} with --key."
             )
         data = data[key]
     if isinstance(data, np.ndarray):
@@ -97,6 +107,19 @@ def load_array(path: str | Path, what: str, key: str | None = None) -> torch.Ten
             )
         return data
     raise UsageError(f"Expected an array of {what} in {file}, but found {type(data).__name__}.")
+
+
+_PARAMETER_SUFFIXES = (".weight", ".bias", ".running_mean", ".running_var", ".num_batches_tracked")
+
+
+def _looks_like_state_dict(data: dict[Any, Any]) -> bool:
+    """A dict of tensors named like module parameters (``fc.weight``, ``bn.running_var``)."""
+    names = [k for k in data if isinstance(k, str) and k.endswith(_PARAMETER_SUFFIXES)]
+    return len(names) >= 2 and all(isinstance(v, torch.Tensor) for v in data.values())
+
+
+def _state_dict_example(data: dict[Any, Any]) -> str:
+    return next(k for k in data if isinstance(k, str) and k.endswith(_PARAMETER_SUFFIXES))
 
 
 def first_line(err: BaseException) -> str:
