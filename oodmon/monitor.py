@@ -498,8 +498,9 @@ class Monitor:
         if reason == "wrong_width":
             self._log_once(
                 "wrong_width",
-                f"oodmon monitor {self.name!r}: model outputs have {x.shape[1]} columns but the "
-                f"detector expects {self.detector.num_outputs}; rows counted as invalid.",
+                f"oodmon monitor {self.name!r}: model output rows have {x.shape[1]} values but "
+                f"the detector expects {self.detector.num_outputs} (a 1-D output is one row; "
+                "pass [N, K] for a batch); rows counted as invalid.",
             )
 
     def _update_stats(self, host: HostVerdict, reasons: dict[str, int]) -> None:

@@ -390,3 +390,16 @@ def test_probabilities_fed_to_a_logits_detector_warn_once_and_count(
     assert "kind='probs'" in warnings[0].getMessage()
     monitor.observe(id_logits(50, seed=10).log_softmax(-1))  # log-probabilities are logits
     assert monitor.stats().errors == {KIND_MISMATCH: 3}
+
+
+def test_a_long_vector_is_one_row_of_the_wrong_width(
+    detector: Detector, caplog: pytest.LogCaptureFixture
+) -> None:
+    monitor = Monitor(detector, "m", "1")
+    with caplog.at_level(logging.WARNING, logger="oodmon"):
+        assert monitor.observe(np.zeros(400)) is None
+    assert monitor.stats().invalid == {"wrong_width": 1}
+    (record,) = [r for r in caplog.records if "wrong" in r.getMessage() or "rows" in r.getMessage()]
+    message = record.getMessage()
+    assert f"rows have 400 values but the detector expects {NUM_CLASSES}" in message
+    assert "columns" not in message
