@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from oodmon import conformal
+from oodmon._atomic import atomic_write
 from oodmon.errors import FormatVersionError, NotFittedError, OutputShapeError
 from oodmon.ocs import OCS
 from oodmon.scores import (
@@ -33,10 +34,13 @@ from oodmon.scores import (
 )
 from oodmon.verdict import Verdict
 
-__all__ = ["DETECTOR_FORMAT_VERSION", "Detector"]
+__all__ = ["DETECTOR_FORMAT_VERSION", "MAX_DETECTOR_BYTES", "Detector"]
 
 #: Version of the JSON layout written by :meth:`Detector.save`.
 DETECTOR_FORMAT_VERSION = 1
+
+#: Largest detector file :meth:`Detector.load` reads (a 1M-sample calibration is ~25 MiB).
+MAX_DETECTOR_BYTES = 64 * 2**20
 
 
 class Detector:
@@ -122,7 +126,18 @@ class Detector:
         Raises:
             ValueError: wrong width, no valid rows, or too few rows for ``alpha``.
         """
-        x = self._check_outputs(id_outputs)
+        try:
+            x = as_batch(id_outputs, self.num_outputs)
+        except OutputShapeError as err:
+            if err.reason != "wrong_width" or not _is_matrix(id_outputs):
+                raise
+            raise OutputShapeError(
+                f"The calibration outputs have {_width(id_outputs)} columns but the OCS has "
+                f"{self.num_outputs} outputs ({self.ocs.loss}): build the OCS with the model's "
+                "own number of outputs (its class count: `num_classes`, `counts`, or "
+                "`oodmon calibrate --num-classes`/`--counts`).",
+                err.reason,
+            ) from None
         if x.shape[0] == 0:
             raise ValueError("Expected in-distribution outputs to calibrate on, but got 0 rows.")
         scores = conformal.finite_scores(self._score(x).detach().to("cpu", torch.float64))
@@ -223,7 +238,7 @@ class Detector:
         try:
             return as_batch(outputs, self.num_outputs)
         except OutputShapeError as err:
-            if err.reason != "wrong_width":
+            if err.reason != "wrong_width" or not _is_matrix(outputs):
                 raise
             raise OutputShapeError(
                 f"{err} Is this the model the detector was calibrated for?", err.reason
@@ -299,12 +314,29 @@ class Detector:
             )
             cal = data["calibration"]
             scores = torch.tensor(cal["scores"], dtype=torch.float64)
-            expected_n = int(cal["n"])
-        except (KeyError, TypeError) as err:
-            raise ValueError(f"The detector dict is incomplete or corrupted: {err!r}.") from err
-        if scores.numel() != expected_n or not bool((scores[1:] >= scores[:-1]).all()):
-            raise ValueError("The detector's calibration scores are corrupted (count or order).")
-        detector._set_calibration(scores, dropped=int(cal.get("dropped", 0)))
+            expected_n = _whole_number(cal["n"], "calibration.n")
+            dropped = _whole_number(cal.get("dropped", 0), "calibration.dropped")
+        except FormatVersionError:
+            raise
+        except (KeyError, TypeError, ValueError, OverflowError, RuntimeError) as err:
+            raise ValueError(f"The detector dict is incomplete or corrupted: {err}") from err
+        if scores.ndim != 1 or scores.numel() != expected_n:
+            raise ValueError(
+                f"Expected {expected_n} calibration scores (calibration.n), but the file holds "
+                f"{scores.numel()}: it was edited or corrupted; recalibrate."
+            )
+        if expected_n == 0 or not bool(torch.isfinite(scores).all()):
+            raise ValueError(
+                "Expected finite calibration scores, but the file holds none or NaN/inf "
+                "values: it was edited or corrupted; recalibrate."
+            )
+        if not bool((scores[1:] >= scores[:-1]).all()):
+            raise ValueError(
+                "Expected the calibration scores sorted ascending, but they are not: the file "
+                "was edited or corrupted; recalibrate."
+            )
+        conformal.check_alpha(detector.alpha, expected_n)
+        detector._set_calibration(scores, dropped=dropped)
         if detector.calibration_hash_ != cal.get("hash"):
             raise ValueError(
                 "The detector's calibration hash does not match its scores: the file was edited "
@@ -315,9 +347,9 @@ class Detector:
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write JSON atomically (a crash never leaves a half-written detector)."""
         target = Path(path)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, allow_nan=False))
-        os.replace(tmp, target)
+        text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
+        with atomic_write(target) as stream:
+            stream.write(text)
         return target
 
     @classmethod
@@ -328,12 +360,27 @@ class Detector:
             FileNotFoundError: no such file.
             ValueError: not valid JSON or not a detector (FormatVersionError for old formats).
         """
-        text = Path(path).read_text()
+        file = Path(path)
+        size = file.stat().st_size
+        if size > MAX_DETECTOR_BYTES:
+            raise ValueError(
+                f"Expected a detector file of at most {MAX_DETECTOR_BYTES / 2**20:g} MiB, but "
+                f"{path} is {size / 2**20:.1f} MiB: it is not a detector written by "
+                "`Detector.save` (those hold one number per calibration sample)."
+            )
+        text = file.read_text()
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from err
-        return cls.from_dict(data)
+        except RecursionError as err:
+            raise ValueError(f"{path} is not a detector: its JSON is nested too deeply.") from err
+        except ValueError as err:  # e.g. an integer with too many digits
+            raise ValueError(f"{path} is not a detector: {err}") from err
+        try:
+            return cls.from_dict(data)
+        except RecursionError as err:
+            raise ValueError(f"{path} is not a detector: its JSON is nested too deeply.") from err
 
     def __repr__(self) -> str:
         fitted = f", n_calibration={self.n_calibration_}" if self.is_fitted else ", not fitted"
@@ -341,6 +388,22 @@ class Detector:
             f"Detector(loss={self.ocs.loss!r}, score={self.score!r}, alpha={self.alpha:g}, "
             f"kind={self.kind!r}{fitted})"
         )
+
+
+def _is_matrix(outputs: Any) -> bool:
+    """Whether outputs are 2-D (their width, not their shape, is what is wrong)."""
+    return len(getattr(outputs, "shape", ())) == 2
+
+
+def _width(outputs: Any) -> int:
+    return int(outputs.shape[1])
+
+
+def _whole_number(value: Any, name: str) -> int:
+    """A non-negative integer field of a saved detector."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"Expected `{name}` to be an integer >= 0, but got {value!r:.40}.")
+    return value
 
 
 def _full_precision(x: Tensor) -> contextlib.AbstractContextManager[None]:

@@ -120,11 +120,14 @@ METRICS: tuple[MetricSpec, ...] = (
     ),
     MetricSpec(
         "oodmon_invalid_outputs_total", "counter", (*_MODEL_LABELS, "reason"),
-        "Rows that could not be scored (nonfinite, wrong_width, wrong_shape, other).",
+        "Rows that could not be scored (nonfinite, wrong_width, wrong_shape, wrong_dtype, "
+        "wrong_layout, other).",
     ),
     MetricSpec(
         "oodmon_monitor_errors_total", "counter", (*_MODEL_LABELS, "kind"),
-        "Monitoring failures (inference went on); kind is the exception class name.",
+        "Monitoring failures (inference went on); kind is the exception class name, or "
+        "OutputKindMismatch for batches that look like another kind of output than the "
+        "detector expects.",
     ),
     MetricSpec(
         "oodmon_monitor_skipped_total", "counter", _MODEL_LABELS,

@@ -11,8 +11,8 @@ Two entry points:
 
 Either way, monitoring never breaks inference: an exception inside monitoring is counted in
 ``stats().errors``, logged once per kind, and swallowed (``strict=True`` re-raises, for tests).
-Outputs that cannot be scored (NaN/inf rows, wrong width) are counted as ``invalid`` with a
-reason and never treated as in-distribution.
+Outputs that cannot be scored (NaN/inf rows, wrong width, bool/complex dtype, sparse, nested
+or meta tensors) are counted as ``invalid`` with a reason and never treated as in-distribution.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import numbers
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,10 +36,17 @@ from oodmon._batcher import Batcher, row_count
 from oodmon._lifecycle import LogOnce, Stage, forget, track
 from oodmon.detector import Detector
 from oodmon.errors import OutputShapeError
+from oodmon.scores import KIND_DESCRIPTIONS, kind_mismatch
 from oodmon.sinks import DetectorSummary, MetricsSink, QueueSink
 from oodmon.verdict import HostVerdict, Observation, Verdict
 
-__all__ = ["DEFAULT_MAX_PENDING", "DEFAULT_MAX_PENDING_BYTES", "Monitor", "MonitorStats"]
+__all__ = [
+    "DEFAULT_MAX_PENDING",
+    "DEFAULT_MAX_PENDING_BYTES",
+    "KIND_MISMATCH",
+    "Monitor",
+    "MonitorStats",
+]
 
 logger = logging.getLogger("oodmon")
 
@@ -46,6 +54,9 @@ logger = logging.getLogger("oodmon")
 DEFAULT_MAX_PENDING = 65_536
 #: The same bound in bytes of copied outputs and inputs (256 MiB).
 DEFAULT_MAX_PENDING_BYTES = 256 * 2**20
+#: ``stats().errors`` key (and ``kind`` label of ``oodmon_monitor_errors_total``) counting
+#: batches whose outputs look like another kind than the detector expects.
+KIND_MISMATCH = "OutputKindMismatch"
 
 
 @dataclass(frozen=True)
@@ -273,7 +284,9 @@ class Monitor:
             counted as an error); the outputs are still scored.
         """
         try:
-            x = self._as_outputs(outputs)
+            x = self._scorable_outputs(outputs)
+            if x is None:
+                return None
             rows = row_count(x)
             if self._closed:
                 self._count_skipped(rows, "closed")
@@ -303,7 +316,9 @@ class Monitor:
         skipped (and counted in ``stats().skipped``) without costing a copy.
         """
         try:
-            x = self._as_outputs(outputs)
+            x = self._scorable_outputs(outputs)
+            if x is None:
+                return
             rows = row_count(x)
             inputs, ids = self._matched_extras(rows, inputs, ids)
             reason = self._batcher.submit(x, inputs, ids, copy_inputs=copy_inputs)
@@ -405,6 +420,7 @@ class Monitor:
             reasons = {err.reason: rows}
         else:
             host = verdict.to_host()  # the one device-to-host copy of this batch
+            self._check_kind(x)
             self._batcher.yield_if_worker()
             nonfinite = int(host.invalid.sum())
             reasons = {"nonfinite": nonfinite} if nonfinite else {}
@@ -421,12 +437,73 @@ class Monitor:
         self._dispatch(observation)
         return verdict
 
+    def _scorable_outputs(self, outputs: Any) -> Tensor | None:
+        """The outputs as a tensor, or None after counting them invalid when they cannot be.
+
+        Bool, complex and non-numeric outputs, tensors without dense data (sparse, nested,
+        meta) and ragged nested lists are a model's answer all the same: they count in
+        ``seen`` as invalid rows with a reason, not as monitoring errors.
+        """
+        reason, detail = _unscorable(outputs)
+        if reason is None:
+            x = self._as_outputs(outputs)
+            reason, detail = _unscorable(x)
+            if reason is None:
+                return x
+        rows = _safe_row_count(outputs)
+        if self._closed:
+            self._count_skipped(rows, "closed")
+            return None
+        self._log_once(
+            reason,
+            f"oodmon monitor {self.name!r}: model outputs {detail} cannot be scored; rows "
+            f"counted as invalid ({reason}). Pass dense floating outputs (logits).",
+        )
+        host = HostVerdict.all_invalid(rows)
+        reasons = {reason: rows}
+        self._update_stats(host, reasons)
+        self._dispatch(
+            Observation(model=self.name, version=self.version, verdict=host,
+                        invalid_reasons=reasons)
+        )  # fmt: skip
+        return None
+
+    def _check_kind(self, x: Tensor) -> None:
+        """Warn (once) and count when softmax outputs look like another kind than expected.
+
+        Probabilities scored as logits sit close to the OCS and every row is flagged; only a
+        few rows are read, after the batch's device-to-host copy.
+        """
+        if self.detector.ocs.loss != "cross_entropy":
+            return
+        try:
+            looks = kind_mismatch(x, self.detector.kind)
+        except Exception:  # a check must never cost the batch
+            return
+        if looks is None:
+            return
+        kind = KIND_MISMATCH
+        with self._lock:
+            self._errors[kind] = self._errors.get(kind, 0) + 1
+        self._log_once(
+            kind,
+            f"oodmon monitor {self.name!r}: the outputs look like {KIND_DESCRIPTIONS[looks]}, "
+            f"but the detector expects kind={self.detector.kind!r}, so its verdicts are "
+            f"meaningless (most rows get flagged). Build the Detector with kind={looks!r} "
+            f"(`oodmon calibrate --kind {looks}`), or pass what it expects. Counted in "
+            f"stats().errors[{kind!r}].",
+        )
+        if self.metrics is not None:
+            with contextlib.suppress(Exception):
+                self.metrics.record_error(self.name, self.version, kind)
+
     def _log_shape_problem(self, reason: str, x: Tensor) -> None:
         if reason == "wrong_width":
             self._log_once(
                 "wrong_width",
-                f"oodmon monitor {self.name!r}: model outputs have {x.shape[1]} columns but the "
-                f"detector expects {self.detector.num_outputs}; rows counted as invalid.",
+                f"oodmon monitor {self.name!r}: model output rows have {x.shape[1]} values but "
+                f"the detector expects {self.detector.num_outputs} (a 1-D output is one row; "
+                "pass [N, K] for a batch); rows counted as invalid.",
             )
 
     def _update_stats(self, host: HostVerdict, reasons: dict[str, int]) -> None:
@@ -469,15 +546,19 @@ class Monitor:
             return None
 
     def _record_error(self, stage: str, err: Exception) -> None:
+        """Count and log a monitoring failure; cannot raise itself (except ``strict``)."""
         kind = type(err).__name__
         with self._lock:
             self._errors[kind] = self._errors.get(kind, 0) + 1
-        self._log_once(
-            f"{stage}:{kind}",
-            f"oodmon monitor {self.name!r}: {stage} failed ({kind}: {err}); "
-            "inference continues, further errors of this kind are only counted.",
-            exc_info=err,
-        )
+        # the error path must not raise: an exception's own __str__ may fail, and so may a
+        # logging handler
+        with contextlib.suppress(Exception):
+            self._log_once(
+                f"{stage}:{kind}",
+                f"oodmon monitor {self.name!r}: {stage} failed ({kind}: {_describe(err)}); "
+                "inference continues, further errors of this kind are only counted.",
+                exc_info=err,
+            )
         if self.metrics is not None:
             with contextlib.suppress(Exception):  # a broken metrics sink must not recurse
                 self.metrics.record_error(self.name, self.version, kind)
@@ -525,6 +606,58 @@ class Monitor:
 
     def __repr__(self) -> str:
         return f"Monitor(name={self.name!r}, version={self.version!r}, detector={self.detector!r})"
+
+
+def _describe(err: BaseException) -> str:
+    """``str(err)``, or a placeholder when the exception cannot even be formatted."""
+    try:
+        return str(err)
+    except Exception:
+        return "<the error message could not be formatted>"
+
+
+def _unscorable(outputs: Any) -> tuple[str | None, str]:
+    """``(invalid reason, what the outputs are)`` for outputs no score can read, else None."""
+    try:
+        if isinstance(outputs, Tensor):
+            if outputs.is_nested:
+                return "wrong_layout", "as a nested tensor"
+            if outputs.layout != torch.strided:
+                return "wrong_layout", f"with layout {outputs.layout}"
+            if outputs.device.type == "meta":
+                return "wrong_layout", "on the meta device (no data)"
+            if outputs.dtype == torch.bool or outputs.is_complex():
+                return "wrong_dtype", f"of dtype {outputs.dtype}"
+        elif isinstance(outputs, np.ndarray):
+            if outputs.dtype.kind not in "fiu":
+                return "wrong_dtype", f"of NumPy dtype {outputs.dtype}"
+        elif isinstance(outputs, (list, tuple)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                array = np.asarray(outputs)
+            if array.dtype.kind not in "fiu":
+                return "wrong_dtype", f"holding {array.dtype} values"
+    except ValueError:  # a ragged nested list
+        return "wrong_layout", "as a ragged nested list"
+    except Exception:  # anything else is reported by the usual error path
+        pass
+    return None, ""
+
+
+def _safe_row_count(outputs: Any) -> int:
+    """Rows in outputs that may not be a tensor at all (1 when it cannot be told)."""
+    try:
+        if isinstance(outputs, Tensor) and outputs.is_nested:
+            return int(outputs.size(0))
+        shape = getattr(outputs, "shape", None)
+        if shape is not None:
+            return int(shape[0]) if len(shape) >= 2 else 1
+        if isinstance(outputs, (list, tuple)) and outputs:
+            nested = isinstance(outputs[0], (list, tuple, Tensor, np.ndarray))
+            return len(outputs) if nested else 1
+        return 1
+    except Exception:
+        return 1
 
 
 def _check_queue_sink(queue: object) -> None:

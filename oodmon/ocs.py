@@ -355,18 +355,25 @@ class OCS:
                 f"Expected OCS format version {OCS_FORMAT_VERSION}, but got {version!r}; "
                 "rebuild the OCS with this oodmon version."
             )
-        if data["loss"] not in LOSSES:
-            raise ValueError(f"Expected `loss` to be one of {LOSSES}, but got {data['loss']!r}.")
+        if data.get("loss") not in LOSSES:
+            raise ValueError(
+                f"Expected `loss` to be one of {LOSSES}, but got {data.get('loss')!r}."
+            )
         variance = data.get("variance")
-        return cls(
-            loss=data["loss"],
-            target=torch.tensor(data["target"], dtype=torch.float64),
-            variance=None if variance is None else torch.tensor(variance, dtype=torch.float64),
-            label_smoothing=float(data.get("label_smoothing", 0.0)),
-            num_train=int(data.get("num_train", 0)),
-            floor=float(data.get("floor", DEFAULT_FLOOR)),
-            wrong_cost=float(data.get("wrong_cost", 0.0)),
-        )
+        try:
+            ocs = cls(
+                loss=data["loss"],
+                target=torch.tensor(data["target"], dtype=torch.float64),
+                variance=None if variance is None else torch.tensor(variance, dtype=torch.float64),
+                label_smoothing=float(data.get("label_smoothing", 0.0)),
+                num_train=int(data.get("num_train", 0)),
+                floor=float(data.get("floor", DEFAULT_FLOOR)),
+                wrong_cost=float(data.get("wrong_cost", 0.0)),
+            )
+        except (KeyError, TypeError, ValueError, OverflowError, RuntimeError) as err:
+            raise ValueError(f"The OCS dict is incomplete or corrupted: {err}.") from err
+        _check_loaded(ocs)
+        return ocs
 
     def to_json(self) -> str:
         """:meth:`to_dict` as a JSON string."""
@@ -410,6 +417,54 @@ def reward_targets(labels: Any, num_classes: int, wrong_cost: float = 4.0) -> Te
 
 
 # ---------------------------------------------------------------------- validation helpers
+
+
+#: How far a loaded cross-entropy OCS may sum from 1 (it is saved as float64).
+_SUM_TOLERANCE = 1e-6
+
+
+def _check_loaded(ocs: OCS) -> None:
+    """Refuse an OCS read from a file whose values no constructor could have produced.
+
+    A forged or corrupted file must fail at load time, not flag (or invalidate) every row.
+    """
+
+    def bad(what: str, got: str) -> ValueError:
+        return ValueError(
+            f"Expected the OCS's `{what}`, but got {got}: the file was edited or corrupted; "
+            "rebuild the OCS (recalibrate)."
+        )
+
+    t = ocs.target
+    if t.ndim != 1 or t.numel() == 0:
+        raise bad("target to be a non-empty list of numbers", f"shape {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise bad("target to be finite", "NaN or inf values")
+    if ocs.loss == "cross_entropy":
+        total = float(t.sum())
+        if bool((t <= 0).any()) or bool((t > 1).any()) or abs(total - 1) > _SUM_TOLERANCE:
+            raise bad(
+                "target to be class probabilities in (0, 1] summing to 1",
+                f"values in [{float(t.min()):g}, {float(t.max()):g}] summing to {total:.9g}",
+            )
+    if ocs.loss == "binary_cross_entropy" and (bool((t < 0).any()) or bool((t > 1).any())):
+        raise bad("target to be positive rates in [0, 1]", f"values in "
+                  f"[{float(t.min()):g}, {float(t.max()):g}]")  # fmt: skip
+    v = ocs.variance
+    if (ocs.loss == "gaussian_nll") != (v is not None):
+        raise bad("variance to be given for gaussian_nll only", f"variance={v!r}")
+    if v is not None and (
+        v.shape != t.shape or not bool(torch.isfinite(v).all()) or bool((v <= 0).any())
+    ):
+        raise bad(f"variance to be {t.numel()} finite positive numbers", f"{v.tolist()!r:.80}")
+    if not (math.isfinite(ocs.label_smoothing) and 0 <= ocs.label_smoothing < 1):
+        raise bad("label_smoothing to be in [0, 1)", repr(ocs.label_smoothing))
+    if not (math.isfinite(ocs.floor) and 0 <= ocs.floor < 0.5):
+        raise bad("floor to be in [0, 0.5)", repr(ocs.floor))
+    if ocs.num_train < 0:
+        raise bad("num_train to be >= 0", repr(ocs.num_train))
+    if not (math.isfinite(ocs.wrong_cost) and ocs.wrong_cost >= 0):
+        raise bad("wrong_cost to be a finite number >= 0", repr(ocs.wrong_cost))
 
 
 def _check_fraction(name: str, value: float, *, upper_open: bool) -> float:

@@ -27,6 +27,7 @@ from oodmon.ocs import LOSSES, OCS
 
 __all__ = [
     "INPUT_KINDS",
+    "KIND_DESCRIPTIONS",
     "SCORES",
     "InputKind",
     "ScoreSpec",
@@ -38,6 +39,7 @@ __all__ = [
     "distance",
     "energy",
     "entropy",
+    "kind_mismatch",
     "kl_to_ocs",
     "max_logit",
     "msp",
@@ -71,6 +73,20 @@ def as_batch(outputs: Any, num_outputs: int | None = None) -> Tensor:
     if not isinstance(outputs, Tensor):
         outputs = torch.as_tensor(np.asarray(outputs))
     if outputs.ndim == 1:
+        if num_outputs is not None and outputs.shape[0] != num_outputs:
+            # a vector is taken as one row; say so rather than call its length "columns"
+            n = int(outputs.shape[0])
+            hint = (
+                f"if it holds {n // num_outputs} rows back to back, reshape it to "
+                f"[{n // num_outputs}, {num_outputs}]"
+                if n % num_outputs == 0
+                else "pass a 2-D [N, K] array with one row per sample"
+            )
+            raise OutputShapeError(
+                f"Expected outputs of shape [N, {num_outputs}] (or one row of {num_outputs} "
+                f"values), but got a 1-D array of {n} values: {hint}.",
+                reason="wrong_width",
+            )
         outputs = outputs.unsqueeze(0)
     if outputs.ndim != 2:
         k = "K" if num_outputs is None else num_outputs
@@ -87,6 +103,55 @@ def as_batch(outputs: Any, num_outputs: int | None = None) -> Tensor:
     if not outputs.is_floating_point() or outputs.dtype in (torch.float16, torch.bfloat16):
         outputs = outputs.to(torch.float32)
     return outputs.detach()
+
+
+#: How far a row's total probability may be from 1 and still look like a distribution
+#: (float16 softmax outputs sum to 1 within about 1e-3).
+_KIND_TOLERANCE = 2e-3
+
+#: What each input kind looks like, for messages.
+KIND_DESCRIPTIONS = {
+    "probs": "probabilities (rows >= 0 summing to 1)",
+    "log_probs": "log-probabilities (rows <= 0 whose exp sums to 1)",
+    "logits": "raw logits (rows that are not a probability distribution)",
+}
+
+
+def _row_kinds(x: Tensor) -> list[str]:
+    """What each finite row of a small ``[n, K]`` sample looks like."""
+    x = x.detach().to("cpu", torch.float64)
+    x = x[torch.isfinite(x).all(dim=1)]
+    probs = (x >= 0).all(dim=1) & ((x.sum(dim=1) - 1).abs() <= _KIND_TOLERANCE)
+    log_probs = (x <= 0).all(dim=1) & (torch.logsumexp(x, dim=1).abs() <= _KIND_TOLERANCE)
+    return [
+        "probs" if p else "log_probs" if lp else "logits"
+        for p, lp in zip(probs.tolist(), log_probs.tolist(), strict=True)
+    ]
+
+
+def kind_mismatch(outputs: Tensor, kind: str, rows: int = 4) -> str | None:
+    """The kind softmax outputs look like when it is not ``kind``, else None.
+
+    Scoring probabilities as logits (or the reverse) silently pushes every row towards the
+    OCS and flags it, so callers check a few rows of each batch. Only the first ``rows`` rows
+    are read (a small device-to-host copy). A batch is called mismatched only when none of
+    its finite sampled rows looks like ``kind``; log-probabilities pass for logits, which
+    they are.
+
+    Args:
+        outputs: ``[N, K]`` outputs of a softmax classifier.
+        kind: the kind the detector expects.
+        rows: how many rows to look at.
+
+    Returns:
+        ``"probs"``, ``"log_probs"`` or ``"logits"`` (see :data:`KIND_DESCRIPTIONS`), or None.
+    """
+    seen = _row_kinds(outputs[:rows])
+    # log-probabilities are logits already (log_softmax leaves them unchanged)
+    accepted = {kind, "log_probs"} if kind == "logits" else {kind}
+    if not seen or accepted.intersection(seen):
+        return None
+    return max(set(seen), key=seen.count)
 
 
 def _check_kind(kind: str, allowed: tuple[str, ...] = INPUT_KINDS) -> None:

@@ -20,7 +20,9 @@ from torch import Tensor
 __all__ = ["INVALID_REASONS", "HostVerdict", "Observation", "Verdict"]
 
 #: Reasons a row can be invalid. The set is closed so that metric labels stay bounded.
-INVALID_REASONS = ("nonfinite", "wrong_width", "wrong_shape")
+#: ``wrong_dtype``: bool, complex or non-numeric outputs; ``wrong_layout``: outputs with no
+#: dense data to read (sparse, nested, or on the meta device) or a ragged nested list.
+INVALID_REASONS = ("nonfinite", "wrong_width", "wrong_shape", "wrong_dtype", "wrong_layout")
 
 
 @dataclass(frozen=True)

@@ -207,3 +207,200 @@ def test_console_script_runs_end_to_end(files: dict[str, Path]) -> None:
     inspect = subprocess.run([str(exe), "inspect", str(files["detector"])], capture_output=True,
                              text=True, timeout=120)  # fmt: skip
     assert inspect.returncode == 0 and "cross_entropy" in inspect.stdout
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("oodmon: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_forged_or_hostile_detector_files_exit_2(
+    files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run("calibrate", "--outputs", files["cal"], "--counts", ",".join(["1"] * 10),
+        "-o", files["detector"])  # fmt: skip
+    capsys.readouterr()
+    data = json.loads(files["detector"].read_text())
+    data["ocs"]["target"] = [-1.0] * 10
+    forged = tmp_path / "forged.json"
+    forged.write_text(json.dumps(data))
+    assert run("inspect", forged) == 2
+    assert "class probabilities in (0, 1] summing to 1" in _one_line_error(capsys)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    assert run("score", "--detector", deep, "--outputs", files["test"]) == 2
+    assert "nested too deeply" in _one_line_error(capsys)
+
+
+def test_outputs_of_the_wrong_kind_exit_2_naming_the_flag(
+    files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    probs = tmp_path / "probs.npy"
+    np.save(probs, torch.from_numpy(np.load(files["test"])).softmax(-1).numpy())
+    run("calibrate", "--outputs", files["cal"], "--counts", ",".join(["1"] * 10),
+        "-o", files["detector"])  # fmt: skip
+    capsys.readouterr()
+    assert run("score", "--detector", files["detector"], "--outputs", probs) == 2
+    err = _one_line_error(capsys)
+    assert "look like probabilities" in err and "--kind probs" in err
+    assert run("calibrate", "--outputs", probs, "--counts", ",".join(["1"] * 10),
+               "-o", tmp_path / "d.json") == 2  # fmt: skip
+    assert "pass `--kind probs`" in _one_line_error(capsys)
+    assert run("calibrate", "--outputs", files["cal"], "--counts", ",".join(["1"] * 10),
+               "--kind", "probs", "-o", tmp_path / "d.json") == 2  # fmt: skip
+    assert "pass `--kind logits`" in _one_line_error(capsys)
+
+
+_SLOW_TORCH = """
+import sys, time
+class SlowTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.stderr.write("importing torch\\n")
+            sys.stderr.flush()
+            time.sleep(60)
+        return None
+sys.meta_path.insert(0, SlowTorch())
+import oodmon_entry
+sys.exit(oodmon_entry.main())
+"""
+
+
+def test_ctrl_c_while_torch_imports_is_one_line_exit_130() -> None:
+    import signal
+
+    with subprocess.Popen(
+        [sys.executable, "-c", _SLOW_TORCH, "--version"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    ) as process:  # fmt: skip
+        assert process.stderr is not None
+        assert process.stderr.readline() == "importing torch\n"
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert err == "oodmon: interrupted\n" and out == ""
+
+
+def test_a_closed_output_pipe_ends_quietly(files: dict[str, Path], tmp_path: Path) -> None:
+    many = tmp_path / "many.npy"
+    np.save(many, id_logits(20_000, seed=9).numpy())
+    run("calibrate", "--outputs", files["cal"], "--counts", ",".join(["1"] * 10),
+        "-o", files["detector"])  # fmt: skip
+    with subprocess.Popen(
+        [sys.executable, "-m", "oodmon.cli", "score", "--detector", str(files["detector"]),
+         "--outputs", str(many)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    ) as process:  # fmt: skip
+        assert process.stdout is not None and process.stderr is not None
+        assert process.stdout.readline().startswith(b"index,score")
+        process.stdout.close()  # what `| head -1` does
+        err = process.stderr.read()
+        assert process.wait(timeout=120) == 141
+    assert err == b""
+
+
+def test_unreadable_pt_files_are_one_line(
+    files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"PK\x03\x04 this is not a torch archive" * 10)
+    args = ("calibrate", "--outputs", junk, "--counts", ",".join(["1"] * 10), "-o",
+            tmp_path / "d.json")  # fmt: skip
+    assert run(*args) == 2
+    err = _one_line_error(capsys)
+    assert f"Could not read outputs from {junk}" in err and "--debug" in err
+    with pytest.raises(Exception) as info:
+        run("--debug", *args)
+    assert info.value.__cause__ is not None  # --debug: the full torch error, chained
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.zeros((3, 10), dtype=np.complex64),
+        np.zeros((3, 10), dtype=bool),
+        np.full((3, 10), "x"),
+    ],
+    ids=["complex", "bool", "string"],
+)
+def test_non_real_npy_files_exit_2(
+    array: np.ndarray, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "outputs.npy"
+    np.save(path, array)
+    assert run("calibrate", "--outputs", path, "--counts", ",".join(["1"] * 10),
+               "-o", tmp_path / "d.json") == 2  # fmt: skip
+    assert f"holds NumPy dtype {array.dtype}" in _one_line_error(capsys)
+
+
+def test_a_failed_export_keeps_the_previous_file(
+    files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    from oodmon.offline import writers
+
+    run("calibrate", "--outputs", files["cal"], "--counts", ",".join(["1"] * 10),
+        "-o", files["detector"])  # fmt: skip
+    out = tmp_path / "verdicts.jsonl"
+    assert run("score", "--detector", files["detector"], "--outputs", files["test"],
+               "-o", out) == 0  # fmt: skip
+    good = out.read_text()
+
+    def fail_half_way(self, batch, first_index) -> None:  # type: ignore[no-untyped-def]
+        self._text_stream().write('{"index": 0, "sco')
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(writers.VerdictWriter, "_write_text", fail_half_way)
+    assert run("score", "--detector", files["detector"], "--outputs", files["test"],
+               "-o", out) == 1  # fmt: skip
+    assert "No space left on device" in capsys.readouterr().err
+    assert out.read_text() == good
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_missing_output_directory_is_named(
+    files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    target = tmp_path / "no-such-dir" / "d.json"
+    assert run("calibrate", "--outputs", files["cal"], "--counts", ",".join(["1"] * 10),
+               "-o", target) == 2  # fmt: skip
+    err = _one_line_error(capsys)
+    assert f"the directory {target.parent} does not exist" in err and ".tmp" not in err
+
+
+def test_messages_name_the_real_problem(
+    files: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    counts = ",".join(["1"] * 10)
+    run("calibrate", "--outputs", files["cal"], "--counts", counts, "-o", files["detector"])
+    capsys.readouterr()
+    flat = tmp_path / "flat.npy"
+    np.save(flat, np.zeros(400, dtype=np.float32))
+    assert run("score", "--detector", files["detector"], "--outputs", flat) == 2
+    err = _one_line_error(capsys)
+    assert "a 1-D array of 400 values" in err and "reshape it to [40, 10]" in err
+    assert "columns" not in err
+
+    labels = tmp_path / "labels.npy"
+    np.save(labels, np.arange(7).repeat(10))
+    assert run("calibrate", "--outputs", files["cal"], "--labels", labels, "--num-classes", "7",
+               "-o", tmp_path / "d.json") == 2  # fmt: skip
+    err = _one_line_error(capsys)
+    assert "have 10 columns but the OCS has 7 outputs" in err and "--num-classes" in err
+    assert "calibrated for" not in err
+
+    state = tmp_path / "model.pt"
+    torch.save(torch.nn.Sequential(torch.nn.Linear(4, 10)).state_dict(), state)
+    assert run("calibrate", "--outputs", state, "--counts", counts,
+               "-o", tmp_path / "d.json") == 2  # fmt: skip
+    err = _one_line_error(capsys)
+    assert "looks like a model's state_dict" in err and "'0.weight'" in err
+    assert "--key" not in err
+
+    two = tmp_path / "two.pt"
+    torch.save({"logits": torch.zeros(3, 10), "features": torch.zeros(3, 4)}, two)
+    assert run("calibrate", "--outputs", two, "--counts", counts,
+               "-o", tmp_path / "d.json") == 2  # fmt: skip
+    err = _one_line_error(capsys)
+    assert "'features', 'logits'" in err and "with --key" in err

@@ -171,3 +171,33 @@ def test_busy_port_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert f"cannot serve /metrics on 127.0.0.1:{port}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_summary_table_explains_itself(capsys: pytest.CaptureFixture[str]) -> None:
+    from oodmon.demo.walkthrough import _print_summary
+
+    rows = [
+        {"phase": "in-distribution", "samples": 1000, "flag_rate": 0.05, "mean_distance": 2.1,
+         "queue_depth": 50},
+        {"phase": "rotated 180°", "samples": 1000, "flag_rate": 0.36, "mean_distance": 1.7,
+         "queue_depth": 410},
+    ]  # fmt: skip
+    _print_summary(rows, 0.05)
+    out = capsys.readouterr().out
+    header, rule = out.strip().splitlines()[:2]
+    assert len(header) == len(rule) == len(out.strip().splitlines()[2])  # columns line up
+    assert "LOWER = closer to the OCS = more OOD" in out
+    assert "queue (total)" in header and "cumulative" in out
+    assert "alpha = 0.05" in out and "180° vs 60°" in out and "experiments/README.md" in out
+
+
+def test_hints_name_a_command_that_runs() -> None:
+    import shlex
+
+    from oodmon.demo.walkthrough import _cli
+
+    result = subprocess.run(
+        [*shlex.split(_cli()), "--version"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("oodmon ")

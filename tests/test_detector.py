@@ -81,7 +81,7 @@ def test_use_before_fit_says_what_to_call(ocs: OCS) -> None:
 def test_class_count_mismatch_names_both_sizes(fitted: Detector) -> None:
     with pytest.raises(ValueError, match="10 columns.*but got 7"):
         fitted.predict(torch.zeros(3, 7))
-    with pytest.raises(ValueError, match="10 columns.*but got 7"):
+    with pytest.raises(ValueError, match="have 7 columns but the OCS has 10 outputs"):
         Detector(fitted.ocs).fit(torch.zeros(200, 7))
 
 
@@ -247,3 +247,65 @@ def test_cuda_predict_makes_no_host_sync(fitted: Detector) -> None:
     assert verdict.flag.device == z.device
     reference = fitted.predict(z.cpu())
     assert torch.equal(verdict.flag.cpu(), reference.flag)
+
+
+def _set(data: dict, path: str, value: object) -> dict:  # type: ignore[type-arg]
+    edited = json.loads(json.dumps(data))
+    *parents, last = path.split(".")
+    node = edited
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    return edited
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("ocs.target", [float("nan")] * K, "target to be finite"),
+        ("ocs.target", [-0.1] + [1.1 / (K - 1)] * (K - 1), "class probabilities in"),
+        ("ocs.target", [0.5] * K, "summing to 1"),
+        ("ocs.target", [], "non-empty"),
+        ("ocs.floor", -1.0, "floor to be in"),
+        ("ocs.num_train", 1e400, "corrupted"),
+        ("alpha", float("nan"), "alpha"),
+        ("alpha", 1.5, "alpha"),
+        ("alpha", -0.05, "alpha"),
+        ("temperature", float("inf"), "temperature"),
+        ("calibration.scores", [float("nan")] * 999, "finite calibration scores"),
+        ("calibration.scores", [0.0] * 5, "Expected 999 calibration scores"),
+        ("calibration.n", -1, "calibration.n"),
+        ("calibration.n", 1e400, "calibration.n"),
+        ("calibration.dropped", "many", "calibration.dropped"),
+    ],
+)
+def test_forged_values_are_refused_at_load(  # type: ignore[no-untyped-def]
+    fitted: Detector, tmp_path, path: str, value: object, message: str
+) -> None:
+    file = tmp_path / "forged.json"
+    file.write_text(json.dumps(_set(fitted.to_dict(), path, value)))
+    with pytest.raises(ValueError, match=message):
+        Detector.load(file)
+
+
+def test_hostile_json_becomes_a_clear_load_error(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        Detector.load(deep)
+    huge = tmp_path / "huge.json"
+    huge.write_text('{"format": "oodmon.detector", "n": ' + "9" * 5000 + "}")
+    with pytest.raises(ValueError, match="not a detector"):
+        Detector.load(huge)
+    monkeypatch.setattr("oodmon.detector.MAX_DETECTOR_BYTES", 2 * 2**20)
+    big = tmp_path / "big.json"
+    big.write_text(" " * 3 * 2**20)
+    with pytest.raises(ValueError, match=r"at most 2 MiB, but .* is 3.0 MiB"):
+        Detector.load(big)
+
+
+def test_a_vector_of_the_wrong_length_is_not_called_columns(fitted: Detector) -> None:
+    with pytest.raises(ValueError, match=r"1-D array of 400 values: .* reshape it to \[40, 10\]"):
+        fitted.predict(torch.zeros(400))
+    with pytest.raises(ValueError, match="1-D array of 7 values: pass a 2-D"):
+        fitted.predict(np.zeros(7))

@@ -25,6 +25,7 @@ LAYER_OF = {
     "oodmon.scores": "core",
     "oodmon.conformal": "core",
     "oodmon._printable": "core",
+    "oodmon._atomic": "core",
     "oodmon.detector": "decision",
     "oodmon.verdict": "decision",
     "oodmon.monitor": "middleware",

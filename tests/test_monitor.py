@@ -312,3 +312,94 @@ def test_queue_must_be_a_sink_and_the_error_says_what_to_pass(
         Monitor(detector, "m", "1", queue=store)  # type: ignore[arg-type]
     with QueueWriter(location) as writer:  # the sink it asks for is accepted
         Monitor(detector, "m", "1", queue=writer).close()
+
+
+def _unscorable_outputs() -> list[tuple[object, int, str]]:
+    dense = torch.zeros(3, NUM_CLASSES)
+    nested = torch.nested.nested_tensor(
+        [torch.zeros(NUM_CLASSES), torch.zeros(NUM_CLASSES - 1)], layout=torch.jagged
+    )
+    return [
+        (dense.bool(), 3, "wrong_dtype"),
+        (dense.to(torch.complex64), 3, "wrong_dtype"),
+        (np.zeros((2, NUM_CLASSES), dtype=bool), 2, "wrong_dtype"),
+        (np.array([["a"] * NUM_CLASSES]), 1, "wrong_dtype"),
+        (torch.zeros(4, NUM_CLASSES, device="meta"), 4, "wrong_layout"),
+        (dense.to_sparse(), 3, "wrong_layout"),
+        (nested, 2, "wrong_layout"),
+        ([[0.0] * NUM_CLASSES, [0.0] * 3], 2, "wrong_layout"),
+    ]
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_unscorable_outputs_are_invalid_rows_not_errors(
+    detector: Detector, background: bool
+) -> None:
+    metrics = InMemoryMetrics()
+    monitor = Monitor(detector, "m", "1", metrics, linger=0)
+    expected: dict[str, int] = {}
+    for outputs, rows, reason in _unscorable_outputs():
+        if background:
+            monitor.submit(outputs)
+        else:
+            assert monitor.observe(outputs) is None
+        expected[reason] = expected.get(reason, 0) + rows
+    stats = monitor.stats()
+    assert stats.errors == {}
+    assert stats.invalid == expected
+    assert stats.seen == sum(expected.values())
+    assert metrics.invalid == expected
+    monitor.close()
+
+
+class Unprintable(RuntimeError):
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ itself fails")
+
+
+def test_an_unprintable_error_does_not_escape_the_error_path(
+    detector: Detector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monitor = Monitor(detector, "m", "1")
+
+    def explode(*args: object) -> None:
+        raise Unprintable()
+
+    monkeypatch.setattr(monitor.detector, "predict", explode)
+    assert monitor.observe(id_logits(3, seed=5)) is None
+    assert monitor.stats().errors == {"Unprintable": 1}
+
+
+def test_probabilities_fed_to_a_logits_detector_warn_once_and_count(
+    detector: Detector, caplog: pytest.LogCaptureFixture
+) -> None:
+    from oodmon.monitor import KIND_MISMATCH
+
+    metrics = InMemoryMetrics()
+    monitor = Monitor(detector, "m", "1", metrics)
+    monitor.observe(id_logits(50, seed=6))
+    assert monitor.stats().errors == {}
+    with caplog.at_level(logging.WARNING, logger="oodmon"):
+        for seed in (7, 8, 9):
+            monitor.observe(id_logits(50, seed=seed).softmax(-1))
+    stats = monitor.stats()
+    assert stats.errors == {KIND_MISMATCH: 3}
+    assert stats.seen == 200  # still scored: a warning, not a dropped batch
+    warnings = [r for r in caplog.records if "look like probabilities" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "kind='probs'" in warnings[0].getMessage()
+    monitor.observe(id_logits(50, seed=10).log_softmax(-1))  # log-probabilities are logits
+    assert monitor.stats().errors == {KIND_MISMATCH: 3}
+
+
+def test_a_long_vector_is_one_row_of_the_wrong_width(
+    detector: Detector, caplog: pytest.LogCaptureFixture
+) -> None:
+    monitor = Monitor(detector, "m", "1")
+    with caplog.at_level(logging.WARNING, logger="oodmon"):
+        assert monitor.observe(np.zeros(400)) is None
+    assert monitor.stats().invalid == {"wrong_width": 1}
+    (record,) = [r for r in caplog.records if "wrong" in r.getMessage() or "rows" in r.getMessage()]
+    message = record.getMessage()
+    assert f"rows have 400 values but the detector expects {NUM_CLASSES}" in message
+    assert "columns" not in message

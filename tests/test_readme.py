@@ -75,3 +75,26 @@ def test_changelog_lists_every_metric_name() -> None:
     unreleased = changelog.split("## Unreleased", 1)[1].split("\n## ", 1)[0]
     missing = [name for name in METRIC_NAMES if f"`{name}`" not in unreleased]
     assert not missing, f"CHANGELOG.md's Unreleased section does not list {missing}"
+
+
+def test_every_command_block_runs_as_written_in_a_fresh_clone() -> None:
+    """After the quick start, `oodmon` and `pip` live in .venv/bin, not on PATH."""
+    blocks = re.findall(r"```(?:bash|text|sh)\n(.*?)\n```", README, re.S)
+    checked = 0
+    for block in blocks:
+        activated = False
+        for line in block.splitlines():
+            command = line.strip()
+            if command.startswith("source .venv/bin/activate"):
+                activated = True
+            for word in re.findall(r"(?:^|&& |\| )(oodmon|pip|python) ", command):
+                checked += 1
+                assert activated, f"`{word}` is not on PATH after the quick start: {command!r}"
+    assert checked >= 6  # the command-line section was found
+
+
+def test_cpu_torch_is_explained_without_changing_the_commands() -> None:
+    quick_start = README.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    assert "pip install torch --index-url https://download.pytorch.org/whl/cpu" in quick_start
+    assert "source .venv/bin/activate" in quick_start
+    assert "127.0.0.1:9465" in README  # the demo's port

@@ -330,3 +330,25 @@ def test_cuda_scores_make_no_host_sync(logits: torch.Tensor, imbalanced: OCS) ->
         distance(z, imbalanced, reverse=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_kind_mismatch_tells_probabilities_from_logits() -> None:
+    from oodmon.scores import kind_mismatch
+
+    logits = torch.randn(32, 10, generator=torch.Generator().manual_seed(0)) * 3
+    probs = logits.softmax(-1)
+    log_probs = logits.log_softmax(-1)
+    assert kind_mismatch(logits, "logits") is None
+    assert kind_mismatch(log_probs, "logits") is None  # log-probabilities are logits
+    assert kind_mismatch(probs, "logits") == "probs"
+    assert kind_mismatch(probs.half(), "logits") == "probs"
+    assert kind_mismatch(probs, "probs") is None
+    assert kind_mismatch(logits, "probs") == "logits"
+    assert kind_mismatch(log_probs, "probs") == "log_probs"
+    assert kind_mismatch(log_probs, "log_probs") is None
+    assert kind_mismatch(probs, "log_probs") == "probs"
+    mixed = probs.clone()
+    mixed[0] = logits[0]  # one row of the expected kind: not called a mismatch
+    assert kind_mismatch(mixed, "probs") is None
+    assert kind_mismatch(torch.full((4, 10), float("nan")), "logits") is None
+    assert kind_mismatch(torch.zeros(4, 10), "logits") is None  # uniform logits

@@ -381,3 +381,45 @@ def test_nan_and_wrong_width_outputs(detector: Detector) -> None:
         out = wrap(Hidden().eval(), late)(images(4))
     assert out.shape == (4, 7)
     assert late.stats().invalid == {"wrong_width": 4}
+
+
+class Unprintable(RuntimeError):
+    def __str__(self) -> str:
+        raise RuntimeError("__str__ itself fails")
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_hostile_outputs_come_back_unchanged(detector: Detector, background: bool) -> None:
+    hostile = [
+        torch.ones(2, NUM_CLASSES, dtype=torch.bool),
+        torch.zeros(2, NUM_CLASSES, dtype=torch.complex64),
+        torch.zeros(2, NUM_CLASSES, device="meta"),
+        torch.zeros(2, NUM_CLASSES).to_sparse(),
+        torch.nested.nested_tensor([torch.zeros(NUM_CLASSES), torch.zeros(3)], layout=torch.jagged),
+    ]
+
+    class Hostile(nn.Module):
+        def __init__(self, out: torch.Tensor) -> None:
+            super().__init__()
+            self.out = out
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out
+
+    monitor = Monitor(detector, "m", "1", linger=0)
+    for out in hostile:
+        assert wrap(Hostile(out).eval(), monitor, background=background)(images(2)) is out
+    stats = monitor.stats()
+    assert stats.errors == {}
+    assert stats.invalid == {"wrong_dtype": 4, "wrong_layout": 6}
+    assert stats.seen == 10
+
+    def unprintable(result: object) -> torch.Tensor:
+        raise Unprintable()
+
+    quiet = Monitor(detector, "m", "1")
+    model = SmallCNN().eval()
+    with torch.no_grad():
+        out = wrap(model, quiet, output=unprintable, background=background)(images(2))
+        assert torch.equal(out, model(images(2)))
+    assert quiet.stats().errors == {"Unprintable": 1}

@@ -1,14 +1,17 @@
 """The ``oodmon`` command line.
 
 Exit codes: 0 success; 1 a runtime failure (e.g. an unreachable database); 2 bad usage or bad
-input (a missing file, a malformed argument); 130 interrupted. Errors are one line on stderr,
-never a traceback (``--debug`` shows it).
+input (a missing file, a malformed argument); 130 interrupted; 141 the reader of the output
+went away (``oodmon score ... | head``), quietly, as Unix tools do. Errors are one line on
+stderr, never a traceback (``--debug`` shows it).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,9 +28,11 @@ from oodmon.detector import Detector
 from oodmon.errors import OodmonError
 from oodmon.ocs import LOSSES, OCS
 from oodmon.offline import score_table
-from oodmon.scores import INPUT_KINDS, SCORES
+from oodmon.scores import INPUT_KINDS, KIND_DESCRIPTIONS, SCORES, kind_mismatch
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+#: The reader of stdout went away: the status of a Unix tool ended by SIGPIPE (128 + 13).
+EXIT_BROKEN_PIPE = 141
 
 
 class UsageError(OodmonError, ValueError):
@@ -63,20 +68,65 @@ def load_array(path: str | Path, what: str, key: str | None = None) -> torch.Ten
     except UsageError:
         raise
     except Exception as err:
-        raise UsageError(f"Could not read {what} from {file}: {err}") from err
+        # torch's own text spans several lines; the first says what went wrong
+        raise UsageError(
+            f"Could not read {what} from {file}: {first_line(err)} (--debug shows the rest)"
+        ) from err
     if isinstance(data, dict):
+        if key is None and _looks_like_state_dict(data):
+            raise UsageError(
+                f"{file} looks like a model's state_dict (parameters such as "
+                f"{_state_dict_example(data)!r}), not saved {what}: run the model on the data "
+                f"and save what it returns, e.g. `torch.save(model(x).detach(), {file.name!r})`."
+            )
         if key is None and len(data) == 1:
             key = next(iter(data))
         if key not in data:
+            keys = sorted(map(str, data))
+            shown = ", ".join(repr(k) for k in keys[:10]) + (", ..." if len(keys) > 10 else "")
             raise UsageError(
-                f"{file} holds a dict with keys {sorted(map(str, data))}; choose one with --key."
+                f"{file} holds a dict with {len(keys)} keys ({shown}) and "
+                + ("no --key was given" if key is None else f"no key {key!r}")
+                + f": name the entry that holds the {what} with --key."
             )
         data = data[key]
     if isinstance(data, np.ndarray):
+        if data.dtype.kind not in "fiu":
+            raise UsageError(
+                f"Expected real numbers ({what}) in {file}, but it holds NumPy dtype "
+                f"{data.dtype}; save a float or integer array."
+            )
         return torch.from_numpy(data)
     if isinstance(data, torch.Tensor):
+        if data.dtype == torch.bool or data.is_complex() or data.layout != torch.strided:
+            raise UsageError(
+                f"Expected real numbers ({what}) in {file}, but it holds a {data.dtype} tensor"
+                f"{'' if data.layout == torch.strided else f' with layout {data.layout}'}; "
+                "save a dense float or integer tensor."
+            )
         return data
     raise UsageError(f"Expected an array of {what} in {file}, but found {type(data).__name__}.")
+
+
+_PARAMETER_SUFFIXES = (".weight", ".bias", ".running_mean", ".running_var", ".num_batches_tracked")
+
+
+def _looks_like_state_dict(data: dict[Any, Any]) -> bool:
+    """A dict of tensors named like module parameters (``fc.weight``, ``bn.running_var``)."""
+    names = [k for k in data if isinstance(k, str) and k.endswith(_PARAMETER_SUFFIXES)]
+    return len(names) >= 2 and all(isinstance(v, torch.Tensor) for v in data.values())
+
+
+def _state_dict_example(data: dict[Any, Any]) -> str:
+    return next(k for k in data if isinstance(k, str) and k.endswith(_PARAMETER_SUFFIXES))
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an error's message (its type name if it has none)."""
+    for line in str(err).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(err).__name__
 
 
 def parse_counts(text: str) -> list[int]:
@@ -130,6 +180,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     """``oodmon calibrate``: fit a Detector on saved outputs and save it as JSON."""
     ocs = build_ocs(args)
     outputs = load_array(args.outputs, "outputs", args.key)
+    check_kind(outputs, ocs, args.kind, "pass `--kind {fix}` (what the outputs hold)")
     detector = Detector(ocs, score=args.score, alpha=args.alpha, kind=args.kind).fit(outputs)
     path = detector.save(args.output)
     print(
@@ -139,6 +190,39 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         + f", threshold {detector.threshold_:.6g}, hash {detector.calibration_hash_}"
     )
     return EXIT_OK
+
+
+def check_kind(outputs: torch.Tensor, ocs: OCS, kind: str, advice: str) -> None:
+    """Refuse softmax outputs that look like another kind than ``kind`` (all would flag).
+
+    ``advice`` names the fix; ``{fix}`` in it becomes the kind the outputs look like.
+    """
+    if ocs.loss != "cross_entropy" or outputs.ndim != 2 or not outputs.is_floating_point():
+        return
+    looks = kind_mismatch(outputs, kind, rows=64)
+    if looks is None:
+        return
+    raise UsageError(
+        f"Expected outputs of kind {kind!r}, but they look like {KIND_DESCRIPTIONS[looks]}: "
+        f"{advice.format(fix=looks)}."
+    )
+
+
+def _first_rows(path: str, key: str | None, rows: int = 64) -> torch.Tensor | None:
+    """The first rows of a ``.npy`` / ``.pt`` input, for the kind check before scoring.
+
+    A ``.npy`` file is memory-mapped (only these rows are read); other formats stream through
+    :func:`oodmon.score_table` and are not peeked at.
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix == ".npy" and Path(path).is_file():
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        if array.ndim != 2 or array.dtype.kind != "f":
+            return None  # score_table reports what is wrong with it
+        return torch.from_numpy(np.array(array[:rows]))
+    if suffix == ".pt" and Path(path).is_file():
+        return load_array(path, "outputs", key)[:rows]
+    return None
 
 
 def load_detector(path: str) -> Detector:
@@ -152,6 +236,13 @@ def load_detector(path: str) -> Detector:
 def cmd_score(args: argparse.Namespace) -> int:
     """``oodmon score``: one verdict per row of saved outputs, as CSV or JSON Lines."""
     detector = load_detector(args.detector)
+    first_rows = _first_rows(args.outputs, args.key)
+    if first_rows is not None:
+        check_kind(
+            first_rows, detector.ocs, detector.kind,
+            "score the raw logits, or calibrate a detector on these outputs with "
+            "`oodmon calibrate --kind {fix}`",
+        )  # fmt: skip
     summary = score_table(
         args.outputs,
         detector,
@@ -235,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="oodmon",
         description="Out-of-distribution monitor: flags model outputs that revert to the "
         "optimal constant solution (OCS) of the training loss.",
-        epilog="Exit codes: 0 ok, 1 runtime failure, 2 bad usage or input, 130 interrupted.",
+        epilog="Exit codes: 0 ok, 1 runtime failure, 2 bad usage or input, 130 interrupted, "
+        "141 output pipe closed.",
     )
     parser.add_argument("--version", action="version", version=f"oodmon {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -356,13 +448,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``oodmon`` console script; returns the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        return int(args.handler(args))
+        parser = build_parser()
+        args = parser.parse_args(argv)
     except KeyboardInterrupt:
         print("oodmon: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    try:
+        code = int(args.handler(args))
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
+        return code
+    except KeyboardInterrupt:
+        print("oodmon: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`oodmon score ... | head`): end quietly, as Unix tools do,
+        # and point stdout at /dev/null so the exit-time flush cannot fail again.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except Exception as err:
         if args.debug:
             raise
@@ -371,6 +476,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             if isinstance(err, (ValueError, FileNotFoundError, IsADirectoryError, PermissionError))
             else EXIT_RUNTIME
         )
-        message = str(err) or type(err).__name__
+        message = " ".join(_describe(err).split()) or type(err).__name__
         print(f"oodmon: error: {message}", file=sys.stderr)
         return code
+
+
+def _describe(err: BaseException) -> str:
+    try:
+        return str(err)
+    except Exception:
+        return type(err).__name__

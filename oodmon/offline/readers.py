@@ -162,6 +162,16 @@ def _check_width(shape: tuple[int, ...], width: int, where: str) -> None:
         raise UnreadableInputError(
             f"Expected outputs of shape [N, {width}] in {where}, but got shape {shape}."
         )
+    if len(shape) == 1 and shape[0] != width:
+        hint = (
+            f"reshape it to [{shape[0] // width}, {width}]"
+            if shape[0] % width == 0
+            else f"save the outputs as an [N, {width}] array"
+        )
+        raise UnreadableInputError(
+            f"Expected outputs of shape [N, {width}] in {where}, but got a 1-D array of "
+            f"{shape[0]} values: {hint}."
+        )
     if shape[-1] != width:
         raise UnreadableInputError(
             f"Expected outputs with {width} columns (the detector's OCS has {width} outputs), "
