@@ -29,7 +29,34 @@ from scipy import optimize, stats
 import oodmon
 from oodmon import mnist  # the one import of the test bed (see the module docstring)
 
-__all__ = ["RESULTS_DIR", "mnist"]  # the rest is used as ``common.<name>`` by the scripts
+__all__ = [
+    "CACHE_DIR",
+    "RECIPES",
+    "RESULTS_DIR",
+    "THREADS",
+    "auroc",
+    "bootstrap_spearman",
+    "cached_seed",
+    "environment",
+    "fit_logistic",
+    "interval_note",
+    "load_data",
+    "long_tailed",
+    "markdown_table",
+    "mnist",
+    "ood_score",
+    "parser",
+    "pm",
+    "read_result",
+    "reproducible",
+    "rotated_inputs",
+    "save_figure",
+    "spearman",
+    "summarize",
+    "summarize_tree",
+    "t_halfwidth",
+    "write_json",
+]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
