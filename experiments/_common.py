@@ -161,9 +161,16 @@ def cached_seed(
     result = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, allow_nan=True))
+    tmp.write_text(json.dumps(result, allow_nan=True, default=_json_scalar))
     tmp.replace(path)
     return json.loads(path.read_text())
+
+
+def _json_scalar(value: Any) -> Any:
+    """NumPy and torch scalars as plain Python numbers (json cannot encode them itself)."""
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 # ---------------------------------------------------------------------- statistics

@@ -112,10 +112,11 @@ def evaluate(
         correct = (predicted == test_labels).numpy()
         kl = distance(logits, ocs).numpy()
         flag = detector.predict(logits).flag.numpy()
-        out["accuracy"].append(correct.mean())
-        out["kl_mean"].append(kl.mean())
-        out["kl_std"].append(kl.std())
-        out["flag_rate"].append(flag.mean())
+        # plain floats: numpy float32 scalars do not serialise into the per-seed cache
+        out["accuracy"].append(float(correct.mean()))
+        out["kl_mean"].append(float(kl.mean()))
+        out["kl_std"].append(float(kl.std()))
+        out["flag_rate"].append(float(flag.mean()))
         for s in SCORE_NAMES:
             scores = compute_score(s, logits, ocs).numpy()
             out["auroc"][s].append(common.auroc(upright_scores[s], scores))
@@ -134,9 +135,9 @@ def evaluate(
                 )
                 out[name].append(score)
         y = test_labels.numpy()
-        out["class_accuracy"].append([correct[y == k].mean() for k in range(10)])
-        out["class_kl_mean"].append([kl[y == k].mean() for k in range(10)])
-        out["class_flag_rate"].append([flag[y == k].mean() for k in range(10)])
+        out["class_accuracy"].append([float(correct[y == k].mean()) for k in range(10)])
+        out["class_kl_mean"].append([float(kl[y == k].mean()) for k in range(10)])
+        out["class_flag_rate"].append([float(flag[y == k].mean()) for k in range(10)])
         np.add.at(confusion[a], (y, predicted.numpy()), 1)
     return out, confusion
 
@@ -415,12 +416,16 @@ def example_verdicts(
 
 
 def plot_examples(
-    data: mnist.MnistData, examples: list[dict[str, Any]], cfg: Config, seed: int, path: Any
+    data: mnist.MnistData,
+    examples: list[dict[str, Any]],
+    example_angles: Any,
+    seed: int,
+    path: Any,
 ) -> None:
     """A grid of example digits at several angles with one model's verdicts."""
     import matplotlib.pyplot as plt
 
-    rows, cols = len(examples) // len(cfg.example_angles), len(cfg.example_angles)
+    rows, cols = len(examples) // len(example_angles), len(example_angles)
     fig, axes = plt.subplots(rows, cols, figsize=(1.8 * cols, 2.0 * rows), squeeze=False)
     for ax, e in zip(axes.flat, examples, strict=True):
         image = mnist.rotate(data.images[e["index"]], e["angle"])
@@ -582,6 +587,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = QUICK if args.quick else Config()
     if args.seeds:
         cfg = replace(cfg, seeds=tuple(args.seeds))
+    if args.replot:
+        result = common.read_result(args, "rotating_mnist")
+        return _report(args, result, common.load_data(args))
     with common.reproducible():
         return _run(args, cfg)
 
@@ -608,18 +616,8 @@ def _run(args: Any, cfg: Config) -> dict[str, Any]:
         extras.append(run["extras"])
     summary = {v: common.summarize_tree([r[v] for r in per_seed]) for v in per_seed[0]}
     suffix = "_quick" if args.quick else ""
-    out = args.out
     angles = list(cfg.angles)
-    n_seeds = len(cfg.seeds)
-    plot_distance_vs_ood_score(
-        summary, angles, n_seeds, out / f"rotating_mnist_distance_vs_ood_score{suffix}.png"
-    )
-    plot_flags_and_auroc(
-        summary, angles, cfg.alpha, n_seeds, out / f"rotating_mnist_flags_auroc{suffix}.png"
-    )
-    plot_long_tailed(summary, angles, n_seeds, out / f"rotating_mnist_long_tailed{suffix}.png")
     examples = extras[0]["examples"]
-    plot_examples(data, examples, cfg, cfg.seeds[0], out / f"rotating_mnist_examples{suffix}.png")
     result: dict[str, Any] = {
         "experiment": "rotating_mnist",
         "quick": args.quick,
@@ -666,7 +664,35 @@ def _run(args: Any, cfg: Config) -> dict[str, Any]:
         "environment": common.environment(),
     }
     result["runtime_seconds"] = time.perf_counter() - start
-    common.write_json(out / f"rotating_mnist{suffix}.json", result)
+    common.write_json(args.out / f"rotating_mnist{suffix}.json", result)
+    return _report(args, result, data)
+
+
+def _report(args: Any, result: dict[str, Any], data: mnist.MnistData) -> dict[str, Any]:
+    """Figures and Markdown from a result (fresh, or read back with --replot)."""
+    suffix = "_quick" if result["quick"] else ""
+    out = args.out
+    angles = result["angles"]
+    n_seeds = len(result["seeds"])
+    summary = {v: result[v] for v in ("uniform", "long_tailed")}
+    plot_distance_vs_ood_score(
+        summary, angles, n_seeds, out / f"rotating_mnist_distance_vs_ood_score{suffix}.png"
+    )
+    plot_flags_and_auroc(
+        summary,
+        angles,
+        result["config"]["alpha"],
+        n_seeds,
+        out / f"rotating_mnist_flags_auroc{suffix}.png",
+    )
+    plot_long_tailed(summary, angles, n_seeds, out / f"rotating_mnist_long_tailed{suffix}.png")
+    plot_examples(
+        data,
+        result["examples"],
+        result["config"]["example_angles"],
+        result["seeds"][0],
+        out / f"rotating_mnist_examples{suffix}.png",
+    )
     (out / f"rotating_mnist{suffix}.md").write_text(markdown(result))
     return result
 
