@@ -357,9 +357,7 @@ def plot_flags_and_auroc(
     common.save_figure(fig, path)
 
 
-def plot_long_tailed(
-    summary: dict[str, Any], angles: list[float], n_seeds: int, path: Any
-) -> None:
+def plot_long_tailed(summary: dict[str, Any], angles: list[float], n_seeds: int, path: Any) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
@@ -383,7 +381,10 @@ def plot_long_tailed(
 
 
 def example_verdicts(
-    data: mnist.MnistData, model: mnist.SmallCNN, detector: Detector, test: torch.Tensor,
+    data: mnist.MnistData,
+    model: mnist.SmallCNN,
+    detector: Detector,
+    test: torch.Tensor,
     cfg: Config,
 ) -> list[dict[str, Any]]:
     """One model's verdicts on a few typical test digits at several angles (for the figure)."""

@@ -17,8 +17,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from oodmon.demo import mnist
 import torch
 
 EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
