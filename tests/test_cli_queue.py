@@ -146,6 +146,8 @@ def test_clean_errors(tmp_path, capsys):
     empty.touch()
     code, _, err = run(capsys, "claim", str(empty), "--worker", "ann")
     assert code == 2 and "not an oodmon label queue" in err
+    code, _, err = run(capsys, "ls", str(empty))  # read-only: the advice is not API-speak
+    assert code == 2 and "not an oodmon label queue" in err and "read_only" not in err
     code, _, err = run(capsys, "export", str(junk), "-o", str(tmp_path / "no-dir" / "x.json"))
     assert code == 2
 
@@ -225,7 +227,9 @@ def test_a_locked_database_is_busy_not_broken(tmp_path, capsys):
 READ_ONLY_SCRIPT = """
 import os, sys
 from oodmon.cli import main
+from oodmon.cli.main import build_parser
 import oodmon.label_queue.export, json  # imported before dropping privileges
+build_parser()  # and what the parser imports lazily: nobody cannot read root's interpreter
 if os.getuid() == 0:
     os.setuid(65534)  # root ignores directory permissions: read as nobody
 for command in ("ls", "stats", "export"):

@@ -158,7 +158,7 @@ class LabelQueue:
                 what = "has tables but no oodmon meta table" if tables else "is empty"
                 raise NotAQueueError(
                     f"{self.url} {what}: it is not an oodmon label queue"
-                    + ("" if tables else "; open it without read_only=True to create one")
+                    + ("" if tables else "; the first writer (QueueWriter or LabelQueue) creates one")
                     + "."
                 )
             self._create_schema(db, capacity)
@@ -233,8 +233,8 @@ class LabelQueue:
                 raise QueueError(f"The label queue {self.url} is closed.")
             if write and self.read_only:
                 raise ReadOnlyQueueError(
-                    f"The label queue {self.url} was opened read-only; open it without "
-                    "read_only=True to change it."
+                    f"The label queue {self.url} was opened read-only (read_only=True, or its "
+                    "file or directory is not writable); open it writable to change it."
                 )
             db = self._db
             with db.transaction(write=write):
