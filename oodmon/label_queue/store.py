@@ -158,7 +158,7 @@ class LabelQueue:
                 what = "has tables but no oodmon meta table" if tables else "is empty"
                 raise NotAQueueError(
                     f"{self.url} {what}: it is not an oodmon label queue"
-                    + ("" if tables else "; the first writer (QueueWriter or LabelQueue) creates one")
+                    + ("" if tables else "; the first writer (a QueueWriter) creates one")
                     + "."
                 )
             self._create_schema(db, capacity)
