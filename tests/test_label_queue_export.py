@@ -13,7 +13,7 @@ import pytest
 from label_queue_helpers import image, put
 
 from oodmon.label_queue import LabelQueue, QueueItem
-from oodmon.label_queue.export import export_queue, label_studio_task, png_bytes
+from oodmon.label_queue.export import export_queue, label_studio_task, png_bytes, write_items
 
 
 def decode_png(data: bytes) -> np.ndarray:
@@ -167,3 +167,23 @@ def test_label_studio_task_for_item_without_anything_to_show():
     task = label_studio_task(item)
     check_label_studio_task(task)
     assert "image" not in task["data"]
+
+
+@pytest.mark.parametrize("fmt", ["label-studio", "jsonl"])
+def test_a_failed_export_keeps_the_previous_file(tmp_path, fmt):
+    """The export writes to a temporary file and renames it: a failure half-way (here an
+    item iterator that breaks) leaves the previous export whole and no temporary file."""
+    item = QueueItem.create(reference="s3://a.png", model="m", version="1", p_value=0.01,
+                            distance=0.1)  # fmt: skip
+    out = tmp_path / "tasks.json"
+    assert write_items([item], out, format=fmt) == 1
+    good = out.read_text()
+
+    def broken():  # type: ignore[no-untyped-def]
+        yield item
+        raise OSError("No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        write_items(broken(), out, format=fmt)
+    assert out.read_text() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tasks.json"]

@@ -35,6 +35,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from oodmon._atomic import atomic_write
 from oodmon._printable import printable
 from oodmon.label_queue import (
     FORMATS,
@@ -239,7 +240,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             class_names=_class_names(args),
         )
     if config is not None:
-        with open(args.config_out, "w", encoding="utf-8") as fh:
+        with atomic_write(args.config_out, encoding="utf-8") as fh:
             fh.write(config)
     if args.output != "-":
         print(f"wrote {count} items to {printable(args.output)} ({args.format})", file=sys.stderr)

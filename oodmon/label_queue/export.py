@@ -16,18 +16,19 @@ its "Uncertainty sampling" serves the lowest score first, so the most-OOD task c
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 import os
 import struct
 import zlib
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, Any
 from xml.sax.saxutils import quoteattr
 
 import numpy as np
 
+from oodmon._atomic import atomic_write
 from oodmon.label_queue.item import QueueItem, finite_or_none
 from oodmon.label_queue.store import LabelQueue
 
@@ -216,15 +217,18 @@ def labelling_config(
     )
 
 
-def _open_text(dest: str | os.PathLike[str] | IO[str]) -> tuple[IO[str], bool]:
+@contextlib.contextmanager
+def _text_destination(dest: str | os.PathLike[str] | IO[str]) -> Iterator[IO[str]]:
+    """An open text file for ``dest``, written atomically when ``dest`` is a path.
+
+    A failed export leaves the previous file as it was; an open file is used as is and left
+    open.
+    """
     if isinstance(dest, (str, os.PathLike)):
-        path = Path(dest)
-        if not path.parent.exists():
-            raise FileNotFoundError(
-                f"Cannot write {path}: the directory {path.parent} does not exist."
-            )
-        return open(path, "w", encoding="utf-8"), True
-    return dest, False
+        with atomic_write(dest, encoding="utf-8") as fh:
+            yield fh
+    else:
+        yield dest
 
 
 def write_label_studio(
@@ -236,9 +240,8 @@ def write_label_studio(
     to_name: str = "image",
 ) -> int:
     """Stream ``items`` as a Label Studio task list to a path or text file. Returns the count."""
-    fh, owned = _open_text(dest)
     count = 0
-    try:
+    with _text_destination(dest) as fh:
         fh.write("[")
         for item in items:
             task = label_studio_task(
@@ -247,9 +250,6 @@ def write_label_studio(
             fh.write(("\n" if count == 0 else ",\n") + json.dumps(task, allow_nan=False))
             count += 1
         fh.write("\n]\n" if count else "]\n")
-    finally:
-        if owned:
-            fh.close()
     return count
 
 
@@ -260,16 +260,12 @@ def write_jsonl(
     include_inputs: bool = True,
 ) -> int:
     """Stream ``items`` as JSON Lines (see :meth:`QueueItem.to_json`). Returns the count."""
-    fh, owned = _open_text(dest)
     count = 0
-    try:
+    with _text_destination(dest) as fh:
         for item in items:
             fh.write(json.dumps(item.to_json(include_input=include_inputs), allow_nan=False))
             fh.write("\n")
             count += 1
-    finally:
-        if owned:
-            fh.close()
     return count
 
 
