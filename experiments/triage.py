@@ -45,7 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from oodmon import OCS, Detector, LabelQueue, mnist
+from oodmon import OCS, Detector, LabelQueue
+from oodmon.demo import mnist
 from oodmon.label_queue import QueueItem
 
 STRATEGIES = ("oodmon", "random", "least_confident", "entropy", "random_rotated")
