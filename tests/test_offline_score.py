@@ -271,7 +271,7 @@ def test_memory_stays_flat_as_the_input_grows(
 
 
 def test_readme_offline_commands_use_real_flags() -> None:
-    from oodmon.cli import build_parser
+    from oodmon.cli.main import build_parser
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("## Score logs offline", 1)[1].split("\n## ", 1)[0]
