@@ -246,6 +246,10 @@ def reverse_kl_margins(per_seed: list[dict[str, Any]], angles: list[float]) -> d
 # ---------------------------------------------------------------------- figures
 
 
+#: Label offsets (points) of the angles in the distance-vs-OOD-score plot.
+_LABEL_OFFSETS = {45.0: (-26, -12), 90.0: (6, 8), 135.0: (-14, 12)}
+
+
 def plot_distance_vs_ood_score(
     summary: dict[str, Any], angles: list[float], n_seeds: int, path: Any
 ) -> None:
@@ -301,13 +305,18 @@ def plot_distance_vs_ood_score(
             )
             if key == "ood_score_pixels_unstandardised_sum":
                 continue
+            # the 45-135 degree points cluster: label the long-tailed curve at its ends only,
+            # and push the uniform labels apart, so no label covers another or a point
+            shown = labelled if variant == "uniform" else {0.0, 180.0}
             for i, angle in enumerate(angles):
-                if angle in labelled:
+                if angle in shown:
                     ax.annotate(
                         f"{angle:g}°",
                         (x[i], y[i]),
                         textcoords="offset points",
-                        xytext=(4, 5) if variant == "uniform" else (4, -11),
+                        xytext=_LABEL_OFFSETS.get(angle, (4, 5))
+                        if variant == "uniform"
+                        else (4, -11),
                         fontsize=7,
                         color=color,
                     )
