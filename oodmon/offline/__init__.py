@@ -8,6 +8,7 @@ Parquet file, a JSON Lines-to-Parquet run or the Ray engine needs them.
 """
 
 from oodmon.offline.rows import INVALID_REASONS, UnreadableInputError
-from oodmon.offline.score import ScoreSummary, score_table
+from oodmon.offline.score import score_table
+from oodmon.offline.summary import ScoreSummary
 
 __all__ = ["INVALID_REASONS", "ScoreSummary", "UnreadableInputError", "score_table"]

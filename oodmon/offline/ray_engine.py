@@ -37,11 +37,10 @@ from oodmon.offline.rows import (
     rows_from_arrow,
 )
 from oodmon.offline.scoring import score_batch
+from oodmon.offline.summary import ScoreSummary
 
 if TYPE_CHECKING:
     import pyarrow as pa
-
-    from oodmon.offline.score import ScoreSummary
 
 __all__ = ["BatchScorer", "score_with_ray", "worker_cpus"]
 
@@ -133,8 +132,6 @@ def score_with_ray(
             "Expected Ray Data for --engine ray, but it is not installed: "
             "pip install 'oodmon[ray]'."
         ) from err
-    from oodmon.offline.score import ScoreSummary
-
     if not isinstance(source, (str, os.PathLike)):
         raise ValueError("Expected a file path as the source for engine='ray', but got an array.")
     if not isinstance(destination, (str, os.PathLike)):

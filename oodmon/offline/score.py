@@ -12,7 +12,6 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -24,43 +23,13 @@ from oodmon.offline._pipeline import BackgroundConsumer, prefetch
 from oodmon.offline.fdr import bh_cutoff, p_value_counts
 from oodmon.offline.readers import TableReader, open_reader
 from oodmon.offline.scoring import VERDICT_COLUMNS, score_batch
+from oodmon.offline.summary import ScoreSummary
 from oodmon.offline.writers import open_writer
 from oodmon.offline.writers import output_format as resolve_output_format
 
-__all__ = ["ENGINES", "ScoreSummary", "as_names", "load_detector", "score_table"]
+__all__ = ["ENGINES", "as_names", "load_detector", "score_table"]
 
 ENGINES = ("local", "ray")
-
-
-@dataclass(frozen=True)
-class ScoreSummary:
-    """What a run did.
-
-    Attributes:
-        rows: verdict rows written (valid and invalid).
-        flagged: rows flagged OOD (``p_value <= alpha``, or the BH cut with ``fdr``).
-        invalid: rows that could not be scored; ``invalid_reasons`` counts them per reason.
-        skipped: JSON Lines records that carry no outputs (request events), not rows
-            (None with Ray, which does not count them).
-        alpha: the false-alarm rate used (None when ``fdr`` chose the flags).
-        fdr: the false discovery rate, if Benjamini-Hochberg chose the flags.
-        p_cutoff: the BH cut: flagged iff ``p_value <= p_cutoff`` (None without ``fdr``).
-        destination: where the verdicts went (None: a stream).
-        engine: ``"local"`` or ``"ray"``.
-        seconds: wall time of the run.
-    """
-
-    rows: int
-    flagged: int
-    invalid: int
-    invalid_reasons: dict[str, int] = field(default_factory=dict)
-    skipped: int | None = 0
-    alpha: float | None = None
-    fdr: float | None = None
-    p_cutoff: float | None = None
-    destination: str | None = None
-    engine: str = "local"
-    seconds: float = 0.0
 
 
 def score_table(
