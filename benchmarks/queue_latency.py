@@ -38,7 +38,7 @@ from torch import nn
 from oodmon import OCS, Detector
 from oodmon.label_queue import AddResult, LabelQueue, QueueWriter
 from oodmon.monitor import Monitor
-from oodmon.wrap import wrap
+from oodmon.wrapping import wrap
 
 CONFIGS = ("none", "sqlite", "stalled")
 

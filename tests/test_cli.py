@@ -262,8 +262,8 @@ class SlowTorch:
             time.sleep(60)
         return None
 sys.meta_path.insert(0, SlowTorch())
-import oodmon_entry
-sys.exit(oodmon_entry.main())
+from oodmon.cli.main import main
+sys.exit(main())
 """
 
 
@@ -271,7 +271,7 @@ def test_ctrl_c_while_torch_imports_is_one_line_exit_130() -> None:
     import signal
 
     with subprocess.Popen(
-        [sys.executable, "-c", _SLOW_TORCH, "--version"],
+        [sys.executable, "-c", _SLOW_TORCH, "inspect", "detector.json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     ) as process:  # fmt: skip
         assert process.stderr is not None

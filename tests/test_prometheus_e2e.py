@@ -25,7 +25,7 @@ from oodmon.metrics import METRIC_NAMES, PrometheusMetrics, serve
 from oodmon.monitor import Monitor
 from oodmon.sinks import InMemoryQueue
 from oodmon.verdict import Observation
-from oodmon.wrap import wrap
+from oodmon.wrapping import wrap
 
 GRAFANA = Path(__file__).resolve().parents[1] / "grafana"
 MODEL, VERSION = "e2e-model", "v1"

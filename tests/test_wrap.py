@@ -17,7 +17,7 @@ from torch import nn
 from oodmon import Detector
 from oodmon.monitor import Monitor
 from oodmon.sinks import InMemoryMetrics, InMemoryQueue
-from oodmon.wrap import wrap
+from oodmon.wrapping import wrap
 
 
 class SmallCNN(nn.Module):
@@ -62,7 +62,7 @@ class DataclassModel(DictModel):
 
 
 def calibrated_monitor(model: nn.Module, make_input, detector_ocs, select=None, **kw):  # type: ignore[no-untyped-def]
-    from oodmon.wrap import select_output
+    from oodmon.wrapping import select_output
 
     with torch.no_grad():
         cal = select_output(model(make_input(400)), select)
@@ -291,7 +291,11 @@ def test_compiled_wrapper_reports_from_outside_the_graph(ocs) -> None:  # type: 
 
 def test_importing_oodmon_leaves_torch_dynamo_unloaded() -> None:
     # torch._dynamo costs seconds to import; only torch.compile users should pay for it
-    code = "import sys, oodmon; print(sorted(m for m in sys.modules if 'torch._dynamo' in m))"
+    code = (
+        "import sys, oodmon; oodmon.wrap, oodmon.Monitor, oodmon.Detector; "
+        "assert 'oodmon.wrapping' in sys.modules; "
+        "print(sorted(m for m in sys.modules if 'torch._dynamo' in m))"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
     )

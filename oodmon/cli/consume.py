@@ -17,9 +17,10 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from oodmon.detector import Detector
+if TYPE_CHECKING:
+    from oodmon.detector import Detector
 
 __all__ = ["cmd_consume", "parse_detectors", "register"]
 
@@ -74,6 +75,8 @@ def parse_detectors(specs: list[str]) -> dict[str | None, Detector]:
         ValueError: two detectors for one model, or an empty model name.
         FileNotFoundError: a detector file that does not exist.
     """
+    from oodmon.detector import Detector  # torch: only when the command runs (see oodmon.cli)
+
     detectors: dict[str | None, Detector] = {}
     for spec in specs:
         model: str | None = None

@@ -5,6 +5,6 @@
   and the benchmarks.
 """
 
-from oodmon.demo.walkthrough import add_demo_arguments, run_demo
+from oodmon.demo.walkthrough import run_demo
 
-__all__ = ["add_demo_arguments", "run_demo"]
+__all__ = ["run_demo"]

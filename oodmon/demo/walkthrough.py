@@ -29,11 +29,10 @@ from oodmon.detector import Detector
 from oodmon.monitor import Monitor
 from oodmon.ocs import OCS
 
-__all__ = ["add_demo_arguments", "run_demo"]
+__all__ = ["run_demo"]
 
 _MODEL_NAME = "mnist-cnn"
 # not 9464, the README's wrapping example's port: the demo and that example can run at once
-_DEFAULT_PORT = 9465
 
 
 @dataclass(frozen=True)
@@ -57,41 +56,6 @@ def _scenario(quick: bool) -> list[_Phase]:
     ]
 
 
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``oodmon demo`` options to ``parser``."""
-    parser.add_argument("--workdir", default="oodmon-demo", help="where outputs are written")
-    parser.add_argument(
-        "--cache-dir",
-        default=None,
-        help="where the trained model is cached (default: WORKDIR/cache)",
-    )
-    parser.add_argument(
-        "--port",
-        type=int,
-        default=_DEFAULT_PORT,
-        help=f"port for /metrics on 127.0.0.1 (default {_DEFAULT_PORT}; 0 picks a free one)",
-    )
-    parser.add_argument(
-        "--serve",
-        action="store_true",
-        help="keep serving /metrics after the scenario, until Ctrl-C",
-    )
-    parser.add_argument(
-        "--phase-seconds",
-        type=float,
-        default=0.0,
-        help="spread each phase over this many seconds, so a dashboard can show the phases "
-        "(default 0: as fast as possible)",
-    )
-    parser.add_argument("--quick", action="store_true", help="a smaller run (for tests)")
-    parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 3)")
-    parser.add_argument("--batch-size", type=int, default=32, help="serving batch size")
-    parser.add_argument("--alpha", type=float, default=0.05, help="target false-alarm rate")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-root", default=None, help="torchvision MNIST root, if present")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
 def run_demo(args: argparse.Namespace) -> int:
     """Run the demo; returns the exit code (130 if interrupted during the scenario)."""
     from prometheus_client import CollectorRegistry
@@ -99,7 +63,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from oodmon import QueueWriter
     from oodmon.demo import mnist
     from oodmon.metrics import PrometheusMetrics, serve
-    from oodmon.wrap import wrap
+    from oodmon.wrapping import wrap
 
     started = time.perf_counter()
     workdir = Path(args.workdir)

@@ -11,6 +11,9 @@ path; :func:`export_queue` writes Label Studio tasks or JSON Lines. The modules,
 - ``export``: Label Studio and JSON Lines; ``writer``: :class:`QueueWriter`.
 """
 
+from typing import TYPE_CHECKING
+
+from oodmon._lazy_exports import lazy_exports
 from oodmon.label_queue.errors import (
     ItemNotFoundError,
     ItemRejectedError,
@@ -33,7 +36,16 @@ from oodmon.label_queue.item import (
 )
 from oodmon.label_queue.store import DEFAULT_CAPACITY, SCHEMA_VERSION, LabelQueue
 from oodmon.label_queue.url import redact_url
-from oodmon.label_queue.writer import QueueWriter, observation_items
+
+if TYPE_CHECKING:
+    from oodmon.label_queue.writer import QueueWriter, observation_items
+
+# The writer serves a Monitor and imports torch; the queue commands never need it.
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {"QueueWriter": "oodmon.label_queue.writer", "observation_items": "oodmon.label_queue.writer"},
+    globals(),
+)
 
 __all__ = [
     "DEFAULT_CAPACITY",

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import io
 import math
+import sys
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -18,7 +19,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-import torch
 
 __all__ = [
     "STATUSES",
@@ -199,7 +199,9 @@ def npy_bytes(value: Any) -> bytes:
     Raises:
         ValueError: the value is not a plain numeric/boolean array.
     """
-    if isinstance(value, torch.Tensor):
+    # A tensor can only exist once torch is imported: the queue commands never import it.
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
         t = value.detach()
         if t.dtype == torch.bfloat16:  # numpy has no bfloat16
             t = t.to(torch.float32)
