@@ -1,76 +1,38 @@
-"""Score payload logs from Kafka: a consumer-group member that monitors many model replicas.
+"""The consumer loop: poll a batch, score it, queue its flags, dead-letter, then commit.
 
-Model servers log every request and response to Kafka (KServe's logger through a Knative
-KafkaSink: CloudEvents with ``ce_*`` headers or in structured mode; Seldon Core v2: topics
-``seldon.<namespace>.model.<name>.inputs|outputs`` holding Open Inference Protocol JSON).
-:class:`ScoringConsumer` reads them as one member of a consumer group, so partitions spread
-over as many ``oodmon consume`` processes as the volume needs, and a dead member's partitions
-move to the others.
-
-Each poll returns up to ``max_poll`` messages. They are decoded, requests are held in a
-bounded join buffer keyed by event id (so that a flagged response reaches the label queue
-with its input), and every response row of one model is scored in a single
-:meth:`~oodmon.monitor.Monitor.observe` call. Delivery is at least once:
-
-1. the batch is scored and its metrics recorded;
-2. its flagged rows are written to the label queue with :meth:`LabelQueue.add
-   <oodmon.label_queue.LabelQueue.add>`, synchronously: the call returns only once the
-   database committed them (a :class:`~oodmon.label_queue.QueueWriter` may drop rows when
-   its buffer is full, so its ``flush`` proves nothing about them);
-3. rejected messages are delivered to the dead-letter topic, if there is one;
-4. only then are the batch's offsets committed.
-
-A crash anywhere before step 4 means the batch is read and scored again (metrics count it
-twice: totals are at least the traffic, never less); the queue keeps each flagged row once,
-because its item id (event id and row index) and content are the same the second time.
-Messages that cannot be used (not JSON, wrong shape, unknown model, missing headers) are
-counted by reason, logged once per reason, forwarded unchanged to the dead-letter topic and
-committed with the batch: a poison message never stalls a partition.
-
-Protobuf payloads (Seldon's default ``ModelInferRequest``/``ModelInferResponse`` encoding)
-are not supported yet; configure the servers to log JSON.
+:class:`ScoringConsumer` is one member of a consumer group; the package docstring
+(:mod:`oodmon.consume`) describes the at-least-once delivery it keeps.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
-import math
-import os
-import re
-import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from oodmon.detector import Detector
+from oodmon.consume.config import ConsumeConfig
+from oodmon.consume.decode import KafkaEvent, Rejected, decode_message
+from oodmon.consume.metrics import ConsumerMetrics
 from oodmon.errors import OodmonError
-from oodmon.events import EventError, JoinBuffer, decode_event
+from oodmon.events import JoinBuffer
 from oodmon.label_queue import LabelQueue, QueueItem, QueueUnavailableError
 from oodmon.label_queue.writer import observation_items
-from oodmon.metrics import MetricSpec, MetricsServer, PrometheusMetrics, serve
+from oodmon.metrics import MetricsServer, serve
 from oodmon.monitor import Monitor
-from oodmon.oip import OIPError, parse_request, parse_response
 from oodmon.verdict import Observation
 
 __all__ = [
-    "CONSUMER_METRICS",
+    "DEFAULT_MODEL",
     "DEFAULT_VERSION",
-    "REJECT_REASONS",
-    "ConsumeConfig",
-    "ConsumerMetrics",
-    "KafkaEvent",
-    "Rejected",
+    "MAX_MODEL_VERSIONS",
+    "BatchResult",
+    "QueueRefusedError",
     "ScoringConsumer",
-    "consumer_metrics_table",
-    "decode_message",
-    "seldon_topic",
 ]
 
 logger = logging.getLogger("oodmon")
@@ -80,327 +42,8 @@ DEFAULT_VERSION = "unversioned"
 #: ``model`` label for rows scored by the default detector when the payload names no model.
 DEFAULT_MODEL = "default"
 
-#: Why a message was skipped (the ``reason`` label of ``oodmon_consumer_rejected_total``).
-REJECT_REASONS: tuple[str, ...] = (
-    "not_json",  # the value is not JSON (e.g. protobuf, which is not supported yet)
-    "missing_headers",  # neither a CloudEvent (binary or structured) nor a Seldon topic
-    "bad_event",  # a CloudEvent whose attributes are invalid
-    "unknown_type",  # a CloudEvent type other than an inference request or response
-    "bad_payload",  # JSON, but not an Open Inference Protocol / KServe v1 payload
-    "wrong_shape",  # outputs that are not [rows, classes] with the detector's classes
-    "unknown_model",  # a model with no detector
-    "too_many_models",  # more (model, version) pairs than the label bound allows
-)
-
 #: ``(model, version)`` pairs one consumer tracks at most: each is a set of metric series.
 MAX_MODEL_VERSIONS = 256
-
-_SELDON_TOPIC = re.compile(
-    r"^seldon\.(?P<namespace>[^.]+)\.model\.(?P<model>[^.]+)\.(?P<kind>inputs|outputs)$"
-)
-_REQUEST_ID_HEADERS = ("x-request-id", "ce_id")
-#: oodmon.events' refusal reasons in the consumer's words.
-_EVENT_REASONS = {
-    "malformed_json": "not_json",
-    "missing_attribute": "missing_headers",
-    "invalid_event": "bad_event",
-    "unknown_type": "unknown_type",
-}
-
-#: The consumer's own metric families, beside the Monitor's (:data:`oodmon.metrics.METRICS`).
-CONSUMER_METRICS: tuple[MetricSpec, ...] = (
-    MetricSpec(
-        "oodmon_consumer_messages_total", "counter", ("topic",),
-        "Kafka messages this consumer read (scored, held as requests, or rejected).",
-    ),
-    MetricSpec(
-        "oodmon_consumer_rejected_total", "counter", ("reason",),
-        "Messages skipped and committed because they could not be scored; reason is one of "
-        "not_json, missing_headers, bad_event, unknown_type, bad_payload, wrong_shape, "
-        "unknown_model, too_many_models.",
-    ),
-    MetricSpec(
-        "oodmon_consumer_dead_letters_total", "counter", (),
-        "Rejected messages delivered to the dead-letter topic.",
-    ),
-    MetricSpec(
-        "oodmon_consumer_join_evicted_total", "counter", (),
-        "Requests dropped from the join buffer before their response came (their responses "
-        "are scored without inputs).",
-    ),
-    MetricSpec(
-        "oodmon_consumer_commits_total", "counter", (),
-        "Batches whose offsets were committed (after scoring, metrics and the label queue).",
-    ),
-    MetricSpec(
-        "oodmon_consumer_lag", "gauge", ("topic", "partition"),
-        "Messages between this consumer's position and the end of each partition it owns.",
-    ),
-)  # fmt: skip
-
-
-def consumer_metrics_table() -> str:
-    """The README's Markdown table of the consumer's own metric families."""
-    lines = ["| Metric | Type | Labels | Meaning |", "|---|---|---|---|"]
-    for spec in CONSUMER_METRICS:
-        labels = ", ".join(f"`{label}`" for label in spec.labels) or "-"
-        lines.append(f"| `{spec.name}` | {spec.type} | {labels} | {spec.help} |")
-    return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------- decoding
-
-
-@dataclass(frozen=True)
-class KafkaEvent:
-    """One decoded inference request or response.
-
-    Attributes:
-        kind: ``"request"`` (its inputs are held for the join) or ``"response"`` (scored).
-        id: the event id that pairs a request with its response (KServe gives both the same
-            ``ce_id``; Seldon the same request id), or the message's coordinates when it has
-            none (stable across re-reads, so replayed rows keep their queue ids).
-        model: the model name from the payload or the topic, or None.
-        version: the model version, or None.
-        array: a response's selected output tensor, or a request's first input tensor.
-    """
-
-    kind: Literal["request", "response"]
-    id: str
-    model: str | None
-    version: str | None
-    array: np.ndarray
-
-
-@dataclass(frozen=True)
-class Rejected:
-    """A message that cannot be scored: its reason (one of :data:`REJECT_REASONS`) and why."""
-
-    reason: str
-    detail: str
-
-
-def seldon_topic(topic: str) -> tuple[str, Literal["request", "response"]] | None:
-    """``seldon.<ns>.model.<name>.inputs|outputs`` -> (name, kind), else None."""
-    match = _SELDON_TOPIC.match(topic)
-    if match is None:
-        return None
-    return match["model"], "request" if match["kind"] == "inputs" else "response"
-
-
-def decode_message(
-    topic: str,
-    key: bytes | None,
-    value: bytes | None,
-    headers: Sequence[tuple[str, bytes | None]] | None,
-    coordinates: str,
-    output: str | None = None,
-) -> KafkaEvent | Rejected:
-    """Decode one Kafka message into a request or response event, or say why not.
-
-    Args:
-        topic: the message's topic (Seldon topics name the model and the kind).
-        key: the message key (Seldon keys messages by request id).
-        value: the message value.
-        headers: the message headers, as confluent-kafka returns them.
-        coordinates: ``topic/partition/offset``, the id of an event that has none.
-        output: the response tensor to score, when a response holds several.
-    """
-    header_map = {name.lower(): data or b"" for name, data in headers or ()}
-    seldon = seldon_topic(topic)
-    if seldon is not None:
-        model, kind = seldon
-        body = _json(value)
-        if isinstance(body, Rejected):
-            return body
-        event_id = _first_header(header_map, _REQUEST_ID_HEADERS)
-        if event_id is None and key:
-            event_id = key.decode("utf-8", "replace")
-        return _payload_event(kind, body, event_id or coordinates, model, output)
-    try:
-        event = decode_event(header_map, value or b"", header_prefix="ce_")
-    except EventError as err:
-        return Rejected(_EVENT_REASONS.get(err.reason, "bad_event"), str(err))
-    # KServe names the InferenceService in an extension: the model of a v1 payload
-    service = event.attributes.get("inferenceservicename")
-    return _payload_event(
-        event.kind, event.data, event.id or coordinates, None, output, str(service or "") or None
-    )
-
-
-def _json(value: bytes | None) -> Any:
-    try:
-        return json.loads(value or b"")
-    except ValueError as err:
-        return Rejected(
-            "not_json",
-            f"Expected a JSON Open Inference Protocol payload, but the value is not JSON "
-            f"({err}); protobuf payloads are not supported yet: log JSON.",
-        )
-
-
-def _first_header(headers: Mapping[str, bytes], names: Sequence[str]) -> str | None:
-    for name in names:
-        data = headers.get(name)
-        if data:
-            return data.decode("utf-8", "replace")
-    return None
-
-
-def _payload_event(
-    kind: Literal["request", "response"],
-    body: Any,
-    event_id: str,
-    model: str | None,
-    output: str | None,
-    fallback_model: str | None = None,
-) -> KafkaEvent | Rejected:
-    try:
-        if kind == "request":
-            payload = parse_request(body)
-            # the label queue stores one input per row: the first input tensor
-            array = next(iter(payload.tensors.values()), None)
-            if array is None:
-                raise OIPError("Expected at least one input tensor, but the request has none.")
-        else:
-            payload = parse_response(body)
-            _, array = payload.select(output)
-    except OIPError as err:
-        return Rejected("bad_payload", str(err))
-    return KafkaEvent(
-        kind=kind,
-        id=event_id,
-        model=model or payload.model_name or fallback_model,
-        version=payload.model_version,
-        array=array,
-    )
-
-
-# ---------------------------------------------------------------------- configuration
-
-
-@dataclass(frozen=True)
-class ConsumeConfig:
-    """What ``oodmon consume`` was asked to do.
-
-    Attributes:
-        bootstrap_servers: ``HOST:PORT[,HOST:PORT...]`` of the Kafka cluster.
-        topics: topics to read (payload logs).
-        detectors: model name -> detector; the key None is the default for any other model.
-        group: the consumer group (every member of one group shares the partitions).
-        queue: label-queue URL for flagged rows, or None.
-        dead_letter_topic: where rejected messages go, unchanged, or None.
-        max_poll: messages per poll (one detector call per model per poll).
-        poll_timeout: seconds a poll waits for messages.
-        output: the response tensor to score when a response holds several.
-        join_entries: requests the join buffer holds at most.
-        join_seconds: seconds a request waits for its response at most.
-        store_inputs: keep flagged rows' inputs in the queue (else only their ids).
-        kafka: extra librdkafka settings for the consumer (``-X key=value``).
-    """
-
-    bootstrap_servers: str
-    topics: tuple[str, ...]
-    detectors: Mapping[str | None, Detector]
-    group: str = "oodmon"
-    queue: str | None = None
-    dead_letter_topic: str | None = None
-    max_poll: int = 500
-    poll_timeout: float = 0.5
-    output: str | None = None
-    join_entries: int = 10_000
-    join_seconds: float = 60.0
-    store_inputs: bool = True
-    kafka: Mapping[str, str] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.bootstrap_servers, str) or not self.bootstrap_servers:
-            raise ValueError(
-                f"Expected `bootstrap_servers` as HOST:PORT, but got {self.bootstrap_servers!r}."
-            )
-        if not self.topics or not all(isinstance(t, str) and t for t in self.topics):
-            raise ValueError(f"Expected at least one topic name, but got {self.topics!r}.")
-        if not self.detectors:
-            raise ValueError("Expected at least one detector (--detector PATH or MODEL=PATH).")
-        for name, value in (("max_poll", self.max_poll), ("join_entries", self.join_entries)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Expected `{name}` to be a positive integer, but got {value!r}.")
-        for name, seconds in (
-            ("poll_timeout", self.poll_timeout),
-            ("join_seconds", self.join_seconds),
-        ):
-            if not isinstance(seconds, (int, float)) or not 0 < seconds < math.inf:
-                raise ValueError(f"Expected `{name}` > 0 seconds, but got {seconds!r}.")
-        if self.dead_letter_topic is not None and self.dead_letter_topic in self.topics:
-            raise ValueError(
-                f"Expected a dead-letter topic other than the topics read, but got "
-                f"{self.dead_letter_topic!r}: rejected messages would be read again."
-            )
-
-    def consumer_settings(self) -> dict[str, Any]:
-        """Settings of the librdkafka consumer: manual commits, start at the earliest offset."""
-        return {
-            "bootstrap.servers": self.bootstrap_servers,
-            "group.id": self.group,
-            "client.id": f"oodmon-consume-{socket.gethostname()}-{os.getpid()}",
-            # offsets are committed by hand after the queue accepted the batch's flags
-            "enable.auto.commit": False,
-            # a new group reads what is already there: nothing logged before it started is lost
-            "auto.offset.reset": "earliest",
-            **self.kafka,
-        }
-
-    def producer_settings(self) -> dict[str, Any]:
-        """Settings of the dead-letter producer: the connection and security ones only."""
-        shared = ("security.", "sasl.", "ssl.", "client.", "socket.", "broker.")
-        return {
-            "bootstrap.servers": self.bootstrap_servers,
-            "enable.idempotence": True,
-            **{k: v for k, v in self.kafka.items() if k.startswith(shared)},
-        }
-
-
-# ---------------------------------------------------------------------- metrics
-
-
-class ConsumerMetrics:
-    """Every family one consumer exports, on its own registry (one ``/metrics`` per member).
-
-    Args:
-        registry: where to register; a fresh ``CollectorRegistry()`` by default, so that
-            several consumers in one process (tests) stay apart.
-    """
-
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = CollectorRegistry() if registry is None else registry
-        self.monitor = PrometheusMetrics(self.registry)
-        specs = {spec.name: spec for spec in CONSUMER_METRICS}
-
-        def counter(name: str) -> Counter:
-            spec = specs[name]
-            return Counter(spec.name, spec.help, spec.labels, registry=self.registry)
-
-        self.messages = counter("oodmon_consumer_messages_total")
-        self.rejected = counter("oodmon_consumer_rejected_total")
-        self.dead_letters = counter("oodmon_consumer_dead_letters_total")
-        self.join_evicted = counter("oodmon_consumer_join_evicted_total")
-        self.commits = counter("oodmon_consumer_commits_total")
-        lag = specs["oodmon_consumer_lag"]
-        self.lag = Gauge(lag.name, lag.help, lag.labels, registry=self.registry)
-        for reason in REJECT_REASONS:  # every reason at 0, so rate() sees the first one
-            self.rejected.labels(reason)
-
-    def set_lag(self, topic: str, partition: int, lag: int) -> None:
-        """Record the lag of one owned partition."""
-        self.lag.labels(topic, str(partition)).set(lag)
-
-    def forget_partition(self, topic: str, partition: int) -> None:
-        """A partition moved to another member: its lag is that member's to report now."""
-        with contextlib.suppress(KeyError):
-            self.lag.remove(topic, str(partition))
-
-
-# ---------------------------------------------------------------------- the consumer
 
 
 class QueueRefusedError(OodmonError):
@@ -428,7 +71,7 @@ class BatchResult:
 
 
 class ScoringConsumer:
-    """One member of a consumer group that scores payload logs (see the module docstring).
+    """One member of a consumer group that scores payload logs (see :mod:`oodmon.consume`).
 
     Args:
         config: what to read and how to score it.
@@ -529,7 +172,7 @@ class ScoringConsumer:
     # ------------------------------------------------------------------ one batch
 
     def process(self, messages: Sequence[Any], stop: threading.Event | None = None) -> BatchResult:
-        """Score one poll batch end to end and commit its offsets (see the module docstring)."""
+        """Score one poll batch end to end and commit its offsets (see :mod:`oodmon.consume`)."""
         offsets: dict[tuple[str, int], int] = {}
         responses: list[tuple[KafkaEvent, Any]] = []
         rejected: list[tuple[Any, Rejected]] = []
