@@ -17,9 +17,11 @@ inference request and response as a CloudEvent. :class:`Sidecar` receives them o
 (:class:`~oodmon.metrics.PrometheusMetrics`) plus the sidecar's own counters, on a registry of
 its own; ``GET /healthz`` and ``GET /ready`` answer probes. Bad input gets a 4xx
 ``{"error": "..."}`` that says what was expected and what came, is counted by reason, and
-never stops the sidecar. Decoding and scoring run on one worker thread, so a large batch
-never holds the event loop; the label queue is written by a
-:class:`~oodmon.label_queue.QueueWriter`, which never blocks the answer.
+never stops the sidecar. Small batches (up to ``inline_bytes`` of bodies) are decoded and
+scored on the event loop, larger ones on one worker thread, so a large batch never holds the
+loop; the label queue is written by a :class:`~oodmon.label_queue.QueueWriter`, which never
+blocks the answer.
+
 The package's rooms: :mod:`~oodmon.sidecar.app` (the ASGI application: connections, batching,
 probes, forwarding), :mod:`~oodmon.sidecar.routes` (which detector scores an event),
 :mod:`~oodmon.sidecar.scoring` (decode, join, score and answer events),
