@@ -20,24 +20,31 @@ from __future__ import annotations
 import contextlib
 import logging
 import numbers
-import os
 import threading
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from oodmon._batcher import Batcher, row_count
+from oodmon._flag_window import FlagWindow
 from oodmon._lifecycle import LogOnce, Stage, forget, track
+from oodmon._output_checks import (
+    KIND_MISMATCH,
+    as_outputs,
+    kind_mismatch_warning,
+    mismatched_extras,
+    safe_row_count,
+    unscorable,
+    unscorable_warning,
+    wrong_width_warning,
+)
 from oodmon.detector import Detector
 from oodmon.errors import OutputShapeError
-from oodmon.scores import KIND_DESCRIPTIONS, kind_mismatch
-from oodmon.sinks import DetectorSummary, MetricsSink, QueueSink
+from oodmon.sinks import DetectorSummary, MetricsSink, QueueSink, check_queue_sink
 from oodmon.verdict import HostVerdict, Observation, Verdict
 
 __all__ = [
@@ -54,9 +61,6 @@ logger = logging.getLogger("oodmon")
 DEFAULT_MAX_PENDING = 65_536
 #: The same bound in bytes of copied outputs and inputs (256 MiB).
 DEFAULT_MAX_PENDING_BYTES = 256 * 2**20
-#: ``stats().errors`` key (and ``kind`` label of ``oodmon_monitor_errors_total``) counting
-#: batches whose outputs look like another kind than the detector expects.
-KIND_MISMATCH = "OutputKindMismatch"
 
 
 @dataclass(frozen=True)
@@ -90,37 +94,6 @@ class MonitorStats:
     def errors_total(self) -> int:
         """Monitoring failures over every exception kind."""
         return sum(self.errors.values())
-
-
-class _FlagWindow:
-    """Ring buffer of the last N flags, written a batch at a time (no per-sample loop)."""
-
-    def __init__(self, size: int) -> None:
-        self._flags = np.zeros(size, dtype=bool)
-        self._next = 0
-        self._filled = 0
-
-    def extend(self, flags: np.ndarray) -> None:
-        size = self._flags.size
-        if flags.size >= size:
-            self._flags[:] = flags[-size:]
-            self._next, self._filled = 0, size
-            return
-        end = self._next + flags.size
-        if end <= size:
-            self._flags[self._next : end] = flags
-        else:
-            first = size - self._next
-            self._flags[self._next :] = flags[:first]
-            self._flags[: end - size] = flags[first:]
-        self._next = end % size
-        self._filled = min(self._filled + flags.size, size)
-
-    def rate(self) -> tuple[int, float]:
-        if self._filled == 0:
-            return 0, float("nan")
-        view = self._flags if self._filled == self._flags.size else self._flags[: self._filled]
-        return self._filled, float(view.mean())
 
 
 class Monitor:
@@ -200,7 +173,7 @@ class Monitor:
                 raise ValueError(f"Expected `{arg}` to be a positive integer, but got {number!r}.")
         if not isinstance(linger, numbers.Real) or not 0 <= linger <= 3600:
             raise ValueError(f"Expected `linger` in seconds in [0, 3600], but got {linger!r}.")
-        _check_queue_sink(queue)
+        check_queue_sink(queue)
         if on_flag is not None and not callable(on_flag):
             raise ValueError(f"Expected `on_flag` to be callable, but got {on_flag!r}.")
         self.detector = detector
@@ -217,7 +190,7 @@ class Monitor:
         self._window_size = int(window)
         self._batcher = Batcher(
             self._process,
-            self._record_error,
+            self.record_error,
             name=name,
             max_pending=self.max_pending,
             max_pending_bytes=self.max_pending_bytes,
@@ -243,7 +216,7 @@ class Monitor:
         self._invalid: dict[str, int] = {}
         self._errors: dict[str, int] = {}
         self._skipped = 0
-        self._window = _FlagWindow(self._window_size)
+        self._window = FlagWindow(self._window_size)
         self._log_once = LogOnce(logger)
         self._deferred_error: Exception | None = None
         self._batcher.reset()
@@ -294,7 +267,7 @@ class Monitor:
             inputs, ids = self._matched_extras(rows, inputs, ids)
             return self._process(x, inputs, ids)
         except Exception as err:
-            self._record_error("observe", err)
+            self.record_error("observe", err)
             return None
 
     # ------------------------------------------------------------------ background path
@@ -325,7 +298,7 @@ class Monitor:
             if reason is not None:
                 self._count_skipped(rows, reason)
         except Exception as err:
-            self._record_error("submit", err)
+            self.record_error("submit", err)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every batch submitted before this call has been scored.
@@ -374,24 +347,9 @@ class Monitor:
         self, rows: int, inputs: Any, ids: Sequence[str] | None
     ) -> tuple[Any, Sequence[str] | None]:
         """Inputs and ids, or None for either whose length does not match the outputs."""
-        if ids is not None and len(ids) != rows:
-            self._record_error(
-                "ids",
-                ValueError(f"Expected {rows} `ids` (one per output row), but got {len(ids)}; "
-                           "ids dropped for this batch."),
-            )  # fmt: skip
-            ids = None
-        if inputs is not None:
-            count = row_count(inputs) if isinstance(inputs, (Tensor, np.ndarray)) else None
-            if count is None and hasattr(inputs, "__len__"):
-                count = len(inputs)
-            if count != rows:
-                self._record_error(
-                    "inputs",
-                    ValueError(f"Expected {rows} `inputs` (one per output row), but got "
-                               f"{count}; inputs dropped for this batch."),
-                )  # fmt: skip
-                inputs = None
+        inputs, ids, problems = mismatched_extras(rows, inputs, ids)
+        for stage, err in problems:
+            self.record_error(stage, err)
         return inputs, ids
 
     def _count_skipped(self, rows: int, reason: str) -> None:
@@ -414,7 +372,10 @@ class Monitor:
         try:
             verdict = self.detector.predict(x)  # checks the batch's shape and width, once
         except OutputShapeError as err:
-            self._log_shape_problem(err.reason, x)
+            if err.reason == "wrong_width":
+                self._log_once(
+                    "wrong_width", wrong_width_warning(self.name, x, self.detector.num_outputs)
+                )
             rows = row_count(x)
             host = HostVerdict.all_invalid(rows)
             reasons = {err.reason: rows}
@@ -444,21 +405,17 @@ class Monitor:
         meta) and ragged nested lists are a model's answer all the same: they count in
         ``seen`` as invalid rows with a reason, not as monitoring errors.
         """
-        reason, detail = _unscorable(outputs)
+        reason, detail = unscorable(outputs)
         if reason is None:
-            x = self._as_outputs(outputs)
-            reason, detail = _unscorable(x)
+            x = as_outputs(outputs)
+            reason, detail = unscorable(x)
             if reason is None:
                 return x
-        rows = _safe_row_count(outputs)
+        rows = safe_row_count(outputs)
         if self._closed:
             self._count_skipped(rows, "closed")
             return None
-        self._log_once(
-            reason,
-            f"oodmon monitor {self.name!r}: model outputs {detail} cannot be scored; rows "
-            f"counted as invalid ({reason}). Pass dense floating outputs (logits).",
-        )
+        self._log_once(reason, unscorable_warning(self.name, reason, detail))
         host = HostVerdict.all_invalid(rows)
         reasons = {reason: rows}
         self._update_stats(host, reasons)
@@ -469,42 +426,16 @@ class Monitor:
         return None
 
     def _check_kind(self, x: Tensor) -> None:
-        """Warn (once) and count when softmax outputs look like another kind than expected.
-
-        Probabilities scored as logits sit close to the OCS and every row is flagged; only a
-        few rows are read, after the batch's device-to-host copy.
-        """
-        if self.detector.ocs.loss != "cross_entropy":
+        """Warn (once) and count when softmax outputs look like another kind than expected."""
+        message = kind_mismatch_warning(x, self.detector, self.name)
+        if message is None:
             return
-        try:
-            looks = kind_mismatch(x, self.detector.kind)
-        except Exception:  # a check must never cost the batch
-            return
-        if looks is None:
-            return
-        kind = KIND_MISMATCH
         with self._lock:
-            self._errors[kind] = self._errors.get(kind, 0) + 1
-        self._log_once(
-            kind,
-            f"oodmon monitor {self.name!r}: the outputs look like {KIND_DESCRIPTIONS[looks]}, "
-            f"but the detector expects kind={self.detector.kind!r}, so its verdicts are "
-            f"meaningless (most rows get flagged). Build the Detector with kind={looks!r} "
-            f"(`oodmon calibrate --kind {looks}`), or pass what it expects. Counted in "
-            f"stats().errors[{kind!r}].",
-        )
+            self._errors[KIND_MISMATCH] = self._errors.get(KIND_MISMATCH, 0) + 1
+        self._log_once(KIND_MISMATCH, message)
         if self.metrics is not None:
             with contextlib.suppress(Exception):
-                self.metrics.record_error(self.name, self.version, kind)
-
-    def _log_shape_problem(self, reason: str, x: Tensor) -> None:
-        if reason == "wrong_width":
-            self._log_once(
-                "wrong_width",
-                f"oodmon monitor {self.name!r}: model output rows have {x.shape[1]} values but "
-                f"the detector expects {self.detector.num_outputs} (a 1-D output is one row; "
-                "pass [N, K] for a batch); rows counted as invalid.",
-            )
+                self.metrics.record_error(self.name, self.version, KIND_MISMATCH)
 
     def _update_stats(self, host: HostVerdict, reasons: dict[str, int]) -> None:
         valid = ~host.invalid
@@ -542,11 +473,28 @@ class Monitor:
         try:
             return fn(*args)
         except Exception as err:
-            self._record_error(stage, err)
+            self.record_error(stage, err)
             return None
 
-    def _record_error(self, stage: str, err: Exception) -> None:
-        """Count and log a monitoring failure; cannot raise itself (except ``strict``)."""
+    def warn_once(self, key: str, message: str) -> None:
+        """Log ``message`` as a warning, once per ``key`` for this monitor (thread-safe).
+
+        For code that feeds the monitor (:func:`oodmon.wrap`, a custom wrapper or receiver),
+        so that its warnings repeat no more than the monitor's own.
+        """
+        self._log_once(key, message)
+
+    def record_error(self, stage: str, err: Exception) -> None:
+        """Count and log a monitoring failure met at ``stage``; never raises (but ``strict``).
+
+        Counted in ``stats().errors`` by exception kind and exported to the metrics sink,
+        logged once per stage and kind. For the monitor's own failures, and for code that
+        feeds it (:func:`oodmon.wrap`), which must not break inference either.
+
+        Raises:
+            Exception: ``err`` itself, with ``strict=True`` and outside the background
+                thread (there, the next :meth:`flush` or :meth:`stats` re-raises it).
+        """
         kind = type(err).__name__
         with self._lock:
             self._errors[kind] = self._errors.get(kind, 0) + 1
@@ -569,16 +517,6 @@ class Monitor:
                     self._deferred_error = err
             else:
                 raise err
-
-    @staticmethod
-    def _as_outputs(outputs: Any) -> Tensor:
-        if isinstance(outputs, Tensor):
-            x = outputs.detach()
-        elif isinstance(outputs, np.ndarray):
-            x = torch.from_numpy(np.ascontiguousarray(outputs))
-        else:
-            x = torch.as_tensor(np.asarray(outputs))
-        return x.unsqueeze(0) if x.ndim == 1 else x
 
     # ------------------------------------------------------------------ reporting
 
@@ -614,68 +552,3 @@ def _describe(err: BaseException) -> str:
         return str(err)
     except Exception:
         return "<the error message could not be formatted>"
-
-
-def _unscorable(outputs: Any) -> tuple[str | None, str]:
-    """``(invalid reason, what the outputs are)`` for outputs no score can read, else None."""
-    try:
-        if isinstance(outputs, Tensor):
-            if outputs.is_nested:
-                return "wrong_layout", "as a nested tensor"
-            if outputs.layout != torch.strided:
-                return "wrong_layout", f"with layout {outputs.layout}"
-            if outputs.device.type == "meta":
-                return "wrong_layout", "on the meta device (no data)"
-            if outputs.dtype == torch.bool or outputs.is_complex():
-                return "wrong_dtype", f"of dtype {outputs.dtype}"
-        elif isinstance(outputs, np.ndarray):
-            if outputs.dtype.kind not in "fiu":
-                return "wrong_dtype", f"of NumPy dtype {outputs.dtype}"
-        elif isinstance(outputs, (list, tuple)):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                array = np.asarray(outputs)
-            if array.dtype.kind not in "fiu":
-                return "wrong_dtype", f"holding {array.dtype} values"
-    except ValueError:  # a ragged nested list
-        return "wrong_layout", "as a ragged nested list"
-    except Exception:  # anything else is reported by the usual error path
-        pass
-    return None, ""
-
-
-def _safe_row_count(outputs: Any) -> int:
-    """Rows in outputs that may not be a tensor at all (1 when it cannot be told)."""
-    try:
-        if isinstance(outputs, Tensor) and outputs.is_nested:
-            return int(outputs.size(0))
-        shape = getattr(outputs, "shape", None)
-        if shape is not None:
-            return int(shape[0]) if len(shape) >= 2 else 1
-        if isinstance(outputs, (list, tuple)) and outputs:
-            nested = isinstance(outputs[0], (list, tuple, Tensor, np.ndarray))
-            return len(outputs) if nested else 1
-        return 1
-    except Exception:
-        return 1
-
-
-def _check_queue_sink(queue: object) -> None:
-    """Refuse what is not a queue sink, and say what to pass instead.
-
-    Duck-typed (a sink has ``submit``), so that the Monitor does not import the label queue.
-    """
-    if queue is None or callable(getattr(queue, "submit", None)):
-        return
-    if isinstance(queue, (str, os.PathLike)):
-        raise ValueError(
-            f"Expected `queue` to be a queue sink (an object with `submit`), but got the "
-            f"location {os.fspath(queue)!r}; pass `oodmon.QueueWriter({os.fspath(queue)!r})`, "
-            "which writes flagged rows to it in the background."
-        )
-    kind = type(queue).__name__
-    raise ValueError(
-        f"Expected `queue` to be a queue sink (an object with `submit`), but got a {kind}; "
-        f"pass `oodmon.QueueWriter(<the {kind}'s path or URL>)`, which writes flagged rows "
-        "in the background (a LabelQueue is for reading and labelling the queue)."
-    )

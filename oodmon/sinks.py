@@ -9,6 +9,7 @@ inference.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -24,6 +25,7 @@ __all__ = [
     "InMemoryQueue",
     "MetricsSink",
     "QueueSink",
+    "check_queue_sink",
 ]
 
 
@@ -109,6 +111,30 @@ class QueueSink(Protocol):
 
     def close(self, timeout: float | None = None) -> None:
         """Flush what is buffered (giving up after ``timeout`` seconds) and release resources."""
+
+
+def check_queue_sink(queue: object) -> None:
+    """Refuse what is not a queue sink (None passes), and say what to pass instead.
+
+    Duck-typed (a sink has ``submit``), so that the Monitor does not import the label queue.
+
+    Raises:
+        ValueError: ``queue`` has no ``submit``: a queue location, or a ``LabelQueue``.
+    """
+    if queue is None or callable(getattr(queue, "submit", None)):
+        return
+    if isinstance(queue, (str, os.PathLike)):
+        raise ValueError(
+            f"Expected `queue` to be a queue sink (an object with `submit`), but got the "
+            f"location {os.fspath(queue)!r}; pass `oodmon.QueueWriter({os.fspath(queue)!r})`, "
+            "which writes flagged rows to it in the background."
+        )
+    kind = type(queue).__name__
+    raise ValueError(
+        f"Expected `queue` to be a queue sink (an object with `submit`), but got a {kind}; "
+        f"pass `oodmon.QueueWriter(<the {kind}'s path or URL>)`, which writes flagged rows "
+        "in the background (a LabelQueue is for reading and labelling the queue)."
+    )
 
 
 class InMemoryMetrics:

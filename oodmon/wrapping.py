@@ -76,7 +76,7 @@ class MonitoredModel(nn.Module):
         """Run the model and report its outputs; returns exactly what the model returned."""
         result = self.model(*args, **kwargs)
         if self.model.training and not self._monitor_training:
-            self.monitor._log_once(
+            self.monitor.warn_once(
                 "training_mode",
                 f"oodmon monitor {self.monitor.name!r}: the wrapped model is in training mode, "
                 "so its outputs are not monitored; call .eval() for inference "
@@ -103,7 +103,7 @@ class MonitoredModel(nn.Module):
             else:
                 self.monitor.observe(logits, inputs)
         except Exception as err:  # never break inference (strict monitors re-raise)
-            self.monitor._record_error("wrap", err)
+            self.monitor.record_error("wrap", err)
 
     def train(self, mode: bool = True) -> MonitoredModel:
         """Set the model's mode (and this wrapper's); monitoring follows the model's mode."""

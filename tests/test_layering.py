@@ -34,6 +34,8 @@ LAYER_OF = {
     "oodmon.sinks": "middleware",
     "oodmon._batcher": "middleware",
     "oodmon._lifecycle": "middleware",
+    "oodmon._output_checks": "middleware",
+    "oodmon._flag_window": "middleware",
     "oodmon.metrics": "sinks",
     "oodmon._batch_histogram": "sinks",
     "oodmon.label_queue": "sinks",

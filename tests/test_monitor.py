@@ -11,11 +11,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import NUM_CLASSES, id_logits, near_ocs
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from oodmon import Detector, Observation
-from oodmon.monitor import Monitor, _FlagWindow
+from oodmon.monitor import Monitor
 from oodmon.sinks import InMemoryMetrics, InMemoryQueue, MetricsSink, QueueSink
 
 
@@ -183,25 +181,6 @@ def test_constructor_validation(detector: Detector, ocs) -> None:  # type: ignor
         Monitor(detector, "m", "1", window=0)
     with pytest.raises(ValueError, match="not fitted"):
         Monitor(Detector(ocs), "m", "1")
-
-
-@settings(max_examples=50, deadline=None)
-@given(
-    size=st.integers(1, 20),
-    chunks=st.lists(st.lists(st.booleans(), min_size=0, max_size=45), min_size=1, max_size=8),
-)
-def test_flag_window_matches_naive(size: int, chunks: list[list[bool]]) -> None:
-    window, history = _FlagWindow(size), []
-    for chunk in chunks:
-        window.extend(np.array(chunk, dtype=bool))
-        history.extend(chunk)
-    n, rate = window.rate()
-    recent = history[-size:]
-    assert n == len(recent)
-    if recent:
-        assert rate == pytest.approx(np.mean(recent))
-    else:
-        assert np.isnan(rate)
 
 
 def test_strict_background_errors_surface_at_flush_and_the_worker_survives(

@@ -8,7 +8,9 @@ path; :func:`export_queue` writes Label Studio tasks or JSON Lines. The modules,
   ``item``: the stored values; ``_sql``: schema and SQL text;
 - ``sqlite``, ``postgres``: the two backends; ``_admit``: dedupe, capacity and eviction;
 - ``store``: :class:`LabelQueue`;
-- ``export``: Label Studio and JSON Lines; ``writer``: :class:`QueueWriter`.
+- ``export``: Label Studio and JSON Lines;
+- ``writer``: :class:`QueueWriter`, with ``_items`` (rows -> items), ``_delivery`` (retries,
+  bisection of refused batches) and ``_ledger`` (where every row went).
 """
 
 from typing import TYPE_CHECKING
