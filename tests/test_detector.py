@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -309,3 +310,33 @@ def test_a_vector_of_the_wrong_length_is_not_called_columns(fitted: Detector) ->
         fitted.predict(torch.zeros(400))
     with pytest.raises(ValueError, match="1-D array of 7 values: pass a 2-D"):
         fitted.predict(np.zeros(7))
+
+
+def _long_tailed_counts(ratio: float) -> list[int]:
+    return [round(1000 * ratio ** (-k / 9)) for k in range(10)]
+
+
+def test_default_score_on_long_tailed_labels_advises_the_reverse_kl(caplog, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from oodmon.detector import SKEWED_MARGINAL_NATS, marginal_skew
+
+    skewed = OCS.cross_entropy(counts=_long_tailed_counts(20))
+    balanced = OCS.cross_entropy(counts=[100] * 10)
+    assert marginal_skew(balanced) == pytest.approx(0.0, abs=1e-12)
+    assert marginal_skew(skewed) == pytest.approx(0.358, abs=0.002)  # the experiments' split
+    assert marginal_skew(OCS.cross_entropy(counts=_long_tailed_counts(3))) < SKEWED_MARGINAL_NATS
+    with caplog.at_level(logging.WARNING, logger="oodmon"):
+        Detector(balanced)
+        Detector(skewed, score="ocs_kl")  # chosen explicitly: no advice
+        Detector(skewed, score="ocs_kl_reverse")
+    assert caplog.records == []
+    with caplog.at_level(logging.WARNING, logger="oodmon"):
+        detector = Detector(skewed)
+    assert detector.score == "ocs_kl"  # the default itself is unchanged
+    (record,) = caplog.records
+    assert "ocs_kl_reverse" in record.getMessage() and "0.36 nats" in record.getMessage()
+    caplog.clear()
+    logits = torch.randn(200, 10)
+    path = detector.fit(logits).save(tmp_path / "d.json")
+    with caplog.at_level(logging.WARNING, logger="oodmon"):
+        Detector.load(path)  # a saved detector names its score
+    assert caplog.records == []
