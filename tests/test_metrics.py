@@ -28,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from oodmon import OCS, Detector
 from oodmon._batch_histogram import BatchHistogram
+from oodmon.conformal import p_values, score_cutoffs
 from oodmon.metrics import (
     DEFAULT_DISTANCE_BUCKETS,
     DEFAULT_P_VALUE_BUCKETS,
@@ -371,15 +372,23 @@ def test_this_client_gets_the_fast_path() -> None:
     assert series.distance.mode == series.p_value.mode == "memory"
 
 
-def test_update_cost_is_a_constant_number_of_python_calls() -> None:
-    """The per-batch update makes the same number of Python-level calls at any batch size."""
+@pytest.mark.parametrize("path", ["one sort", "two sorts"])
+def test_update_cost_is_a_constant_number_of_python_calls(path: str) -> None:
+    """The per-batch update makes the same number of Python-level calls at any batch size,
+    on both ways of filling the p-value histogram (OCS score: one sort; other: two)."""
+    n_calibration = 999
+    cal = torch.sort(torch.randn(n_calibration, dtype=torch.float64)).values
     sink = PrometheusMetrics(CollectorRegistry())
-    sink.describe(summary())
+    score = "ocs_kl" if path == "one sort" else "energy"
+    sink.describe(summary(score=score, calibration_scores=cal))
+    assert (sink._series[("clf", "v1")].p_cutoffs is not None) == (path == "one sort")
     rng = np.random.default_rng(0)
 
     def calls(n: int) -> int:
-        p_value = rng.uniform(0.0, 1.0, n)
-        p_value[0] = 0.01  # one flag in every batch, so the same branches run
+        # conformal p-values (1 + k) / (n + 1), as the detector computes them
+        k = rng.integers(0, n_calibration, n)
+        p_value = p_values(cal[torch.from_numpy(k)], cal).numpy()
+        p_value[0] = 10 / (n_calibration + 1)  # one flag in every batch: the same branches run
         obs = observation(rng.gamma(2.0, 1.0, n), p_value)
         count = 0
 
@@ -735,8 +744,6 @@ def test_one_sort_histograms_equal_per_sample_observation(score: str, n_calibrat
 
 
 def test_score_cutoffs_agree_with_p_values() -> None:
-    from oodmon.conformal import p_values, score_cutoffs
-
     cal = torch.sort(torch.randn(49, dtype=torch.float64)).values
     cal[10:13] = cal[10]  # ties inside the calibration set
     edges = [0.0, 0.01, 0.02, 0.05, 0.1, 0.5, 0.99, 1.0, float("inf")]
@@ -746,3 +753,109 @@ def test_score_cutoffs_agree_with_p_values() -> None:
     p = p_values(scores, cal)
     for edge, cutoff in zip(edges, cutoffs, strict=True):
         assert torch.equal(p <= edge, scores > cutoff), edge
+
+
+def _record_corner_cases(score: str, registry: CollectorRegistry) -> str:
+    """Feed a sink every corner of histogram filling, and per-sample reference histograms
+    (``ref_d``, ``ref_p``) the valid finite values; returns how the sink filled them.
+
+    Calibration has 19 scores, so p-values are multiples of 1/20 and land exactly on bounds.
+    Batches: ties with calibration scores, plain traffic, outputs at the OCS, NaN and inf
+    rows, an empty batch, an all-invalid batch; for a non-OCS score (whose p-value and
+    distance histograms are filled apart) also valid rows with inf/NaN values and p-values
+    that are no conformal p-values.
+    """
+    gen = torch.Generator().manual_seed(7)
+    ocs = OCS.cross_entropy(counts=[40, 30, 20, 10])
+    cal_logits = torch.randn(19, 4, generator=gen) * 3
+    detector = Detector(ocs, score=score, alpha=0.05).fit(cal_logits)
+    sink = PrometheusMetrics(registry)
+    monitor = Monitor(detector, "m", "1", metrics=sink)
+    ref_d = Histogram("ref_d", "d", buckets=DEFAULT_DISTANCE_BUCKETS, registry=registry)
+    ref_p = Histogram("ref_p", "p", buckets=DEFAULT_P_VALUE_BUCKETS, registry=registry)
+
+    def reference(distance: np.ndarray, p_value: np.ndarray, invalid: np.ndarray) -> None:
+        for d in distance[~invalid & np.isfinite(distance)].tolist():
+            ref_d.observe(d)
+        for p in p_value[~invalid & np.isfinite(p_value)].tolist():
+            ref_p.observe(p)
+
+    inf_row = torch.tensor([[float("inf"), 0.0, 0.0, 0.0]])
+    batches = [
+        cal_logits,  # ties with calibration scores
+        torch.randn(200, 4, generator=gen) * 3,
+        ocs.log_target.float().expand(20, 4) + 0.01 * torch.randn(20, 4, generator=gen),
+        torch.cat([torch.randn(5, 4, generator=gen), torch.full((2, 4), float("nan")), inf_row]),
+        torch.empty(0, 4),
+        torch.full((3, 4), float("nan")),
+    ]
+    on_bounds = 0
+    for batch in batches:
+        verdict = monitor.observe(batch)
+        assert verdict is not None
+        host = verdict.to_host()
+        reference(host.distance, host.p_value, host.invalid)
+        on_bounds += int(np.isin(host.p_value[~host.invalid], DEFAULT_P_VALUE_BUCKETS).sum())
+    assert on_bounds > 0  # p-values exactly on bucket bounds really occur
+    series = sink._series[("m", "1")]
+    if series.p_cutoffs is None:  # values a detector never gives, on the two-sort path
+        distance = np.array([0.001, np.inf, np.nan, 0.0, 14.0, 1e300, 0.3])
+        p_value = np.array([0.05, 0.1, np.nan, np.inf, 1.0, 0.05 + 1e-12, 0.3])
+        invalid = np.array([False, False, False, False, False, False, True])
+        verdict = HostVerdict(
+            score=-distance,
+            distance=distance,
+            p_value=p_value,
+            flag=np.zeros(7, dtype=bool),
+            invalid=invalid,
+            predicted=np.zeros(7, dtype=np.int64),
+        )
+        sink.record(Observation("m", "1", verdict, {"nonfinite": 1}))
+        reference(distance, p_value, invalid)
+    path = "one sort" if series.p_cutoffs is not None else "two sorts"
+    return f"{path} {series.distance.mode} {series.p_value.mode}"
+
+
+def _assert_sink_matches_reference(registry: Any) -> None:
+    for name, ref in (("oodmon_ocs_distance", "ref_d"), ("oodmon_p_value", "ref_p")):
+        got, want = histogram_samples(registry, name), histogram_samples(registry, ref)
+        assert_same_histogram(got, want)
+        assert want[("_count", ())] > 0
+
+
+@pytest.mark.parametrize("score", ["ocs_kl", "energy"])
+def test_sink_histograms_equal_per_sample_observe_single_process(score: str) -> None:
+    registry = CollectorRegistry()
+    how = _record_corner_cases(score, registry)
+    assert how == ("one sort" if score == "ocs_kl" else "two sorts") + " memory memory"
+    _assert_sink_matches_reference(registry)
+
+
+@pytest.mark.parametrize("score", ["ocs_kl", "energy"])
+def test_sink_histograms_equal_per_sample_observe_multiprocess(score: str, tmp_path: Path) -> None:
+    """In multiprocess mode every count goes to the worker's files: the same values."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {str(REPO / "tests")!r})
+        from prometheus_client import CollectorRegistry
+        from test_metrics import _record_corner_cases
+        print(_record_corner_cases({score!r}, CollectorRegistry()))
+        """
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    env.pop("prometheus_multiproc_dir", None)
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    path = "one sort" if score == "ocs_kl" else "two sorts"
+    assert done.stdout.strip().splitlines()[-1] == f"{path} values values"
+    merged = CollectorRegistry()
+    MultiProcessCollector(merged, path=str(tmp_path))
+    _assert_sink_matches_reference(merged)
