@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from oodmon._scratch import scratch
 from oodmon.errors import OutputShapeError
 from oodmon.ocs import LOSSES, OCS
 
@@ -162,7 +163,8 @@ def _check_kind(kind: str, allowed: tuple[str, ...] = INPUT_KINDS) -> None:
 def _log_probs(x: Tensor, kind: str) -> Tensor:
     """Log class probabilities ``[N, K]`` from logits, probabilities or log-probabilities."""
     if kind == "logits":
-        return torch.log_softmax(x, dim=-1)
+        out = scratch(x, "log_p")
+        return torch.log_softmax(x, dim=-1) if out is None else torch.log_softmax(x, -1, out=out)
     if kind == "probs":
         return torch.log(x)
     return x
@@ -194,8 +196,13 @@ def _centred_exp(z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     ``p . z - max z`` formula would lose about ``eps * |max z|`` to cancellation), and
     ``log s`` lies in ``[0, log K]``. ``d`` is the caller's to overwrite.
     """
-    d = z - z.amax(dim=-1, keepdim=True)
-    e = torch.exp(d)
+    d, e = scratch(z, "d"), scratch(z, "e")
+    if d is None or e is None:
+        d = z - z.amax(dim=-1, keepdim=True)
+        e = torch.exp(d)
+    else:
+        torch.sub(z, z.amax(dim=-1, keepdim=True), out=d)
+        torch.exp(d, out=e)
     return d, e, e.sum(dim=-1)
 
 
@@ -206,7 +213,13 @@ def _log_sum_exp(z: Tensor) -> Tensor:
     ``logsumexp(z) = max z + log s = max z - log(max_k p_k)``: one softmax kernel and two
     row maxima, where ``torch.logsumexp`` takes four passes and an ``[N, K]`` temporary.
     """
-    return z.amax(dim=-1).sub_(torch.log(torch.softmax(z, dim=-1).amax(dim=-1)))
+    return z.amax(dim=-1).sub_(torch.log(_softmax(z).amax(dim=-1)))
+
+
+def _softmax(z: Tensor) -> Tensor:
+    """``softmax(z)`` over the last dimension, into this thread's scratch buffer if it can."""
+    out = scratch(z, "softmax")
+    return torch.softmax(z, dim=-1) if out is None else torch.softmax(z, -1, out=out)
 
 
 def _invalidate(score: Tensor, x: Tensor, kind: str = "logits") -> Tensor:
@@ -242,7 +255,7 @@ def msp(outputs: Tensor, kind: InputKind = "logits") -> Tensor:
 
 def _msp(x: Tensor, kind: str) -> Tensor:
     if kind == "logits":
-        top = torch.softmax(x, dim=-1).amax(dim=-1)  # one fused pass, like log_softmax
+        top = _softmax(x).amax(dim=-1)  # one fused pass, like log_softmax
     elif kind == "probs":
         top = x.amax(dim=-1)
     else:

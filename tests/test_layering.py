@@ -27,6 +27,7 @@ LAYER_OF = {
     "oodmon._printable": "core",
     "oodmon._atomic": "core",
     "oodmon._lazy_exports": "core",
+    "oodmon._scratch": "core",
     "oodmon.detector": "decision",
     "oodmon.verdict": "decision",
     "oodmon.monitor": "middleware",
