@@ -282,8 +282,8 @@ def _legend(alpha: float) -> list[str]:
         "mean KL to OCS  distance from the outputs to the optimal constant solution (the",
         "                training label frequencies); LOWER = closer to the OCS = more OOD",
         "queue (total)   label-queue items so far, cumulative over the phases",
-        "180° vs 60°     upside-down digits still look like digits (0 and 1 are nearly",
-        "                symmetric, 6 reads as 9): the model answers confidently, its outputs",
+        "180° vs 60°     upside-down digits still look like digits (0s and 1s stay mostly",
+        "                right; most 7s read as 6s): the model answers confidently, its outputs",
         "                stay far from the OCS, and fewer are flagged; a confident mistake for",
         "                another class is what the OCS view cannot see (experiments/README.md)",
     ]
