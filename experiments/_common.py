@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ __all__ = [
     "auroc",
     "bootstrap_spearman",
     "cached_seed",
+    "configure",
     "environment",
     "fit_logistic",
     "interval_note",
@@ -46,6 +48,7 @@ __all__ = [
     "mnist",
     "ood_score",
     "parser",
+    "per_seed_results",
     "pm",
     "read_result",
     "reproducible",
@@ -134,6 +137,38 @@ def reproducible(threads: int = THREADS) -> Iterator[None]:
 
 #: Finished seeds are kept here (git-ignored), keyed by everything that determines them.
 CACHE_DIR = Path(__file__).resolve().parent.parent / ".oodmon-cache" / "experiments"
+
+
+def configure(doc: str | None, argv: list[str] | None, quick: Any, full: Any) -> tuple[Any, Any]:
+    """The parsed shared flags and the run's config: ``quick`` or ``full``, with ``--seeds``."""
+    args = parser(doc or "").parse_args(argv)
+    cfg = quick if args.quick else full
+    if args.seeds:
+        cfg = dataclasses.replace(cfg, seeds=tuple(args.seeds))
+    return args, cfg
+
+
+def per_seed_results(
+    script: str, args: Any, cfg: Any, data: Any, run_seed: Callable[..., Any]
+) -> list[Any]:
+    """``run_seed(data, cfg, seed, progress)`` for every seed of ``cfg``.
+
+    ``--quick`` runs are the tests and always compute; full runs go through
+    :func:`cached_seed`, so parallel shells share the seeds and a crashed run resumes.
+    """
+    progress = not args.no_progress
+    if args.quick:
+        return [run_seed(data, cfg, seed, progress) for seed in cfg.seeds]
+    return [
+        cached_seed(
+            script,
+            dataclasses.asdict(cfg),
+            seed,
+            lambda seed=seed: run_seed(data, cfg, seed, progress),
+            data.source,
+        )
+        for seed in cfg.seeds
+    ]
 
 
 def cached_seed(

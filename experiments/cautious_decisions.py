@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import _common as common
@@ -462,10 +462,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = common.parser(__doc__).parse_args(argv)
-    cfg = QUICK if args.quick else Config()
-    if args.seeds:
-        cfg = replace(cfg, seeds=tuple(args.seeds))
+    args, cfg = common.configure(__doc__, argv, QUICK, Config())
     if args.replot:
         return _report(args, common.read_result(args, "cautious_decisions"))
     with common.reproducible():
@@ -475,18 +472,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _run(args: Any, cfg: Config) -> dict[str, Any]:
     start = time.perf_counter()
     data = common.load_data(args)
-    per_seed = [
-        run_seed(data, cfg, seed, not args.no_progress)
-        if args.quick  # quick runs are the tests: always compute
-        else common.cached_seed(
-            "cautious_decisions",
-            asdict(cfg),
-            seed,
-            lambda seed=seed: run_seed(data, cfg, seed, not args.no_progress),
-            data.source,
-        )
-        for seed in cfg.seeds
-    ]
+    per_seed = common.per_seed_results("cautious_decisions", args, cfg, data, run_seed)
     # each seed has its own matched rate; curves are summarised on the common target grid
     grid = sorted(cfg.rates)
     curves = {

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import _common as common
@@ -359,10 +359,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = common.parser(__doc__).parse_args(argv)
-    cfg = QUICK if args.quick else Config()
-    if args.seeds:
-        cfg = replace(cfg, seeds=tuple(args.seeds))
+    args, cfg = common.configure(__doc__, argv, QUICK, Config())
     if args.replot:
         return _report(args, common.read_result(args, "long_tailed_ocs"))
     with common.reproducible():
@@ -372,18 +369,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _run(args: Any, cfg: Config) -> dict[str, Any]:
     start = time.perf_counter()
     data = common.load_data(args)
-    per_seed = [
-        common.cached_seed(
-            "long_tailed_ocs",
-            asdict(cfg),
-            seed,
-            lambda seed=seed: run_seed(data, cfg, seed, not args.no_progress),
-            data.source,
-        )
-        if not args.quick  # quick runs are the tests: always compute
-        else run_seed(data, cfg, seed, not args.no_progress)
-        for seed in cfg.seeds
-    ]
+    per_seed = common.per_seed_results("long_tailed_ocs", args, cfg, data, run_seed)
     first = per_seed[0]
     meta = {k: first[k] for k in ("_prior", "_shifts", "_sizes")}
     for run in per_seed:

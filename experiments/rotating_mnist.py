@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import _common as common
@@ -593,10 +593,7 @@ def _summed(matrices: Any) -> list[Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = common.parser(__doc__).parse_args(argv)
-    cfg = QUICK if args.quick else Config()
-    if args.seeds:
-        cfg = replace(cfg, seeds=tuple(args.seeds))
+    args, cfg = common.configure(__doc__, argv, QUICK, Config())
     if args.replot:
         result = common.read_result(args, "rotating_mnist")
         return _report(args, result, common.load_data(args))
@@ -605,25 +602,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def _run(args: Any, cfg: Config) -> dict[str, Any]:
-    progress = not args.no_progress
     start = time.perf_counter()
     data = common.load_data(args)
-    per_seed: list[dict[str, Any]] = []
-    extras: list[dict[str, Any]] = []
-    for seed in cfg.seeds:
-        run = (
-            run_seed(data, cfg, seed, progress)
-            if args.quick  # quick runs are the tests: always compute
-            else common.cached_seed(
-                "rotating_mnist",
-                asdict(cfg),
-                seed,
-                lambda seed=seed: run_seed(data, cfg, seed, progress),
-                data.source,
-            )
-        )
-        per_seed.append(run["results"])
-        extras.append(run["extras"])
+    runs = common.per_seed_results("rotating_mnist", args, cfg, data, run_seed)
+    per_seed: list[dict[str, Any]] = [run["results"] for run in runs]
+    extras: list[dict[str, Any]] = [run["extras"] for run in runs]
     summary = {v: common.summarize_tree([r[v] for r in per_seed]) for v in per_seed[0]}
     suffix = "_quick" if args.quick else ""
     angles = list(cfg.angles)

@@ -24,7 +24,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import _common as common
@@ -442,10 +442,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = common.parser(__doc__).parse_args(argv)
-    cfg = QUICK if args.quick else Config()
-    if args.seeds:
-        cfg = replace(cfg, seeds=tuple(args.seeds))
+    args, cfg = common.configure(__doc__, argv, QUICK, Config())
     if args.replot:
         return _report(args, common.read_result(args, "shift_families"))
     with common.reproducible():
@@ -455,18 +452,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _run(args: Any, cfg: Config) -> dict[str, Any]:
     start = time.perf_counter()
     data = common.load_data(args)
-    per_seed = [
-        run_seed(data, cfg, seed, not args.no_progress)
-        if args.quick  # quick runs are the tests: always compute
-        else common.cached_seed(
-            "shift_families",
-            asdict(cfg),
-            seed,
-            lambda seed=seed: run_seed(data, cfg, seed, not args.no_progress),
-            data.source,
-        )
-        for seed in cfg.seeds
-    ]
+    per_seed = common.per_seed_results("shift_families", args, cfg, data, run_seed)
     result: dict[str, Any] = {
         "experiment": "shift_families",
         "quick": args.quick,

@@ -34,7 +34,7 @@ import math
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -452,10 +452,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = common.parser(__doc__).parse_args(argv)
-    cfg = QUICK if args.quick else Config()
-    if args.seeds:
-        cfg = replace(cfg, seeds=tuple(args.seeds))
+    args, cfg = common.configure(__doc__, argv, QUICK, Config())
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     start, cpu_start = time.perf_counter(), time.process_time()
