@@ -408,7 +408,9 @@ class Monitor:
         reason, detail = unscorable(outputs)
         if reason is None:
             x = as_outputs(outputs)
-            reason, detail = unscorable(x)
+            # a tensor or array keeps its dtype and layout; anything else is checked as converted
+            if not isinstance(outputs, (Tensor, np.ndarray)):
+                reason, detail = unscorable(x)
             if reason is None:
                 return x
         rows = safe_row_count(outputs)
