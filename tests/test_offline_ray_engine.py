@@ -15,7 +15,7 @@ from conftest import id_logits
 from offline_inputs import read_output
 
 from oodmon import Detector, score_table
-from oodmon.offline.ray_engine import worker_cpus
+from oodmon.offline.ray_engine import PartWriter, worker_cpus
 
 # Ray's own warnings, not ours (pytest turns every warning into an error):
 # - Ray Data's DataContext() sets its own deprecated fields (use_push_based_shuffle,
@@ -123,3 +123,31 @@ def test_ray_refuses_what_it_cannot_do(detector: Detector, tmp_path: Path) -> No
 def test_worker_cpus_leave_room_for_reads(cpus: float, workers: int, want: float) -> None:
     assert worker_cpus(cpus, workers) == pytest.approx(want)
     assert workers * worker_cpus(cpus, workers) <= max(cpus - 1, cpus / 2)
+
+
+def verdict_table(first: int, n: int) -> pa.Table:
+    rows = range(first, first + n)
+    return pa.table({"id": [f"r{i}" for i in rows], "flag": [i % 3 == 0 for i in rows],
+                     "invalid_reason": [None if i % 5 else "null" for i in rows]})  # fmt: skip
+
+
+def test_part_writer_keeps_order_across_parts_and_counts(tmp_path: Path) -> None:
+    """The driver-side writer: blocks in the order given, split into numbered parts that read
+    back (sorted by name, as readers do) in that order."""
+    parts = PartWriter(str(tmp_path / "out"), rows_per_part=7)
+    for first, n in ((0, 5), (5, 11), (16, 0), (16, 4)):
+        parts.write(verdict_table(first, n))
+    parts.close()
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == [f"part-{i:06d}.parquet" for i in range(3)]
+    assert [pq.read_table(tmp_path / "out" / n).num_rows for n in names] == [7, 7, 6]
+    assert pq.read_table(tmp_path / "out").column("id").to_pylist() == [f"r{i}" for i in range(20)]
+    assert (parts.rows, parts.flagged, parts.reasons) == (20, 7, {"null": 4})
+
+
+def test_part_writer_with_no_rows_leaves_a_readable_empty_table(tmp_path: Path) -> None:
+    parts = PartWriter(str(tmp_path / "out"))
+    parts.write(verdict_table(0, 0))
+    parts.close()
+    table = pq.read_table(tmp_path / "out")
+    assert table.num_rows == 0 and table.column_names == ["id", "flag", "invalid_reason"]

@@ -24,7 +24,7 @@ import numpy as np
 from oodmon.offline.rows import INVALID_REASONS
 from oodmon.offline.scoring import ScoredBatch, empty_batch
 
-__all__ = ["OUTPUT_FORMATS", "VerdictWriter", "open_writer", "output_format"]
+__all__ = ["OUTPUT_FORMATS", "VerdictWriter", "open_writer", "output_format", "parquet_writer"]
 
 #: Output format -> suffixes that select it (anything else is CSV, as ``oodmon score`` was).
 OUTPUT_FORMATS: dict[str, tuple[str, ...]] = {
@@ -173,20 +173,28 @@ class VerdictWriter:
 
     def _flush_parquet(self) -> None:
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         if not self._pending:
             return
         if self._parquet is None:
             self._schema = self._pending[0].schema
-            # dictionary-encode only the columns that repeat: trying it on the float columns
-            # doubles the write time for nothing
-            dictionary = [f.name for f in self._schema if f.name not in _UNIQUE_COLUMNS]
-            self._parquet = pq.ParquetWriter(self._tmp, self._schema, use_dictionary=dictionary)
+            self._parquet = parquet_writer(str(self._tmp), self._schema)
         schema = self._schema
         tables = [t if t.schema.equals(schema) else t.cast(schema) for t in self._pending]
         self._parquet.write_table(pa.concat_tables(tables) if len(tables) > 1 else tables[0])
         self._pending, self._pending_rows = [], 0
+
+
+def parquet_writer(path: str, schema: Any, filesystem: Any = None) -> Any:
+    """A ``pyarrow.parquet.ParquetWriter`` for verdict tables.
+
+    Only the columns that repeat are dictionary-encoded: trying it on the float columns
+    doubles the write time for nothing.
+    """
+    import pyarrow.parquet as pq
+
+    dictionary = [f.name for f in schema if f.name not in _UNIQUE_COLUMNS]
+    return pq.ParquetWriter(path, schema, filesystem=filesystem, use_dictionary=dictionary)
 
 
 def open_writer(
