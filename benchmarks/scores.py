@@ -1,6 +1,6 @@
 """Score throughput, side by side on the same logits: oodmon vs one log_softmax vs pytorch-ood.
 
-Run:  .venv/bin/python benchmarks/scores.py [--repeats 200]
+Run:  .venv/bin/python benchmarks/scores.py [--repeats 200] [--compiled]
 
 For each shape, every function is timed in interleaved rounds (so machine noise hits all of
 them alike) and the table reports the median time per call, its interquartile range, and two
@@ -14,6 +14,10 @@ the measurement once with glibc's defaults and once pinned, with ``MALLOC_MMAP_T
 and ``MALLOC_TRIM_THRESHOLD_`` raised (the first alone is not a pin: fixing the mmap threshold
 also fixes the trim threshold at 128 KiB, and freed temporaries at the top of the heap are
 then trimmed after every call).
+
+``--compiled`` adds a row per score with oodmon's optional fused kernels on
+(``oodmon.scores.use_compiled``); they serve batches from 32,768 elements, so at B=256, K=10
+those rows time the eager path plus the switch. Compilation happens in the warm-up rounds.
 """
 
 from __future__ import annotations
@@ -46,6 +50,19 @@ def candidates(ocs: oodmon.OCS) -> list[tuple[str, Callable[[torch.Tensor], obje
     ]
 
 
+def with_compiled_kernels(fn: Callable[[torch.Tensor], object]) -> Callable[[torch.Tensor], object]:
+    """``fn`` with the fused kernels switched on for the call only."""
+
+    def call(z: torch.Tensor) -> object:
+        S.use_compiled(True)
+        try:
+            return fn(z)
+        finally:
+            S.use_compiled(False)
+
+    return call
+
+
 def time_rounds(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
     times: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():  # warm-up
@@ -69,6 +86,9 @@ def main(argv: list[str] | None = None) -> None:
         help="glibc's defaults, the pinned thresholds, both (each in a fresh process), or "
         "whatever this process was started with",
     )
+    parser.add_argument(
+        "--compiled", action="store_true", help="also time the optional fused kernels"
+    )
     args = parser.parse_args(argv)
     if args.allocator != "as-is":
         modes = ("default", "pinned") if args.allocator == "both" else (args.allocator,)
@@ -78,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
                 env.update(MALLOC_MMAP_THRESHOLD_=str(128 * 2**20),
                            MALLOC_TRIM_THRESHOLD_=str(256 * 2**20))  # fmt: skip
             command = [sys.executable, __file__, "--repeats", str(args.repeats)]
+            command += ["--compiled"] if args.compiled else []
             subprocess.run([*command, "--allocator", "as-is"], env=env, check=True)
         return
     pinned = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
@@ -87,6 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     except ImportError:
         pood = None
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 logits on CPU")
+    S.use_compiled(False)  # eager rows are eager whatever the environment says
     for batch, classes in SHAPES:
         gen = torch.Generator().manual_seed(0)
         z = torch.randn(batch, classes, generator=gen) * 3
@@ -98,6 +120,11 @@ def main(argv: list[str] | None = None) -> None:
         pairs: dict[str, str] = {}
         for name, fn, ref in candidates(ocs):
             fns[f"oodmon {name}"] = lambda fn=fn, z=z: fn(z)
+            if args.compiled and name not in ("msp", "max_logit"):  # single-pass already
+                fused = with_compiled_kernels(fn)
+                fns[f"oodmon {name}, compiled"] = lambda fn=fused, z=z: fn(z)
+                if ref is not None and pood is not None:
+                    pairs[f"oodmon {name}, compiled"] = f"pytorch-ood {ref}"
             if ref is not None and pood is not None:
                 fns[f"pytorch-ood {ref}"] = lambda ref=ref, z=z: getattr(pood, ref).score(z)
                 pairs[f"oodmon {name}"] = f"pytorch-ood {ref}"

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from oodmon._fused import fused, use_compiled
 from oodmon._scratch import scratch
 from oodmon.errors import OutputShapeError
 from oodmon.ocs import LOSSES, OCS
@@ -45,6 +46,7 @@ __all__ = [
     "max_logit",
     "msp",
     "reverse_kl_to_ocs",
+    "use_compiled",
 ]
 
 InputKind = Literal["logits", "probs", "log_probs"]
@@ -289,6 +291,10 @@ def energy(outputs: Tensor, temperature: float = 1.0) -> Tensor:
 
 def _energy(x: Tensor, temperature: float) -> Tensor:
     scaled = x if temperature == 1.0 else x / temperature
+    if x.numel() >= _SINGLE_PASS_MIN_ELEMENTS:
+        energy = fused("neg_log_sum_exp", scaled)
+        if energy is not None:
+            return energy if temperature == 1.0 else energy.mul_(temperature)
     return _invalidate(_log_sum_exp(scaled).mul_(-temperature), x)
 
 
@@ -304,6 +310,9 @@ def entropy(outputs: Tensor, kind: InputKind = "logits") -> Tensor:
 
 def _entropy(x: Tensor, kind: str) -> Tensor:
     if kind == "logits" and x.numel() >= _SINGLE_PASS_MIN_ELEMENTS:
+        h = fused("entropy", x)
+        if h is not None:
+            return h
         # H = log s - sum_k e_k d_k / s: both terms are >= 0, so nothing cancels
         d, e, s = _centred_exp(x)
         h = torch.log(s).sub_(d.mul_(e).sum(dim=-1).div_(s))
@@ -338,6 +347,9 @@ def kl_to_ocs(outputs: Tensor, ocs: OCS, kind: InputKind = "logits") -> Tensor:
 def _kl_to_ocs(x: Tensor, ocs: OCS, kind: str) -> Tensor:
     log_pi = ocs.constant_on("log_target", x.device, x.dtype)
     if kind == "logits" and x.numel() >= _SINGLE_PASS_MIN_ELEMENTS:
+        kl = fused("kl", x, log_pi)
+        if kl is not None:
+            return kl
         # With d = z - max z, e = exp(d), s = sum e:
         # KL = sum_k e_k (d_k - log pi_k) / s - log s  (one exponentiation, no log-softmax)
         d, e, s = _centred_exp(x)
@@ -365,6 +377,10 @@ def reverse_kl_to_ocs(outputs: Tensor, ocs: OCS, kind: InputKind = "logits") -> 
 def _reverse_kl_to_ocs(x: Tensor, ocs: OCS, kind: str) -> Tensor:
     pi = ocs.constant_on("target", x.device, x.dtype)
     neg_entropy_pi = torch.dot(pi, ocs.constant_on("log_target", x.device, x.dtype))
+    if kind == "logits" and x.numel() >= _SINGLE_PASS_MIN_ELEMENTS:
+        kl = fused("reverse_kl", x, pi, neg_entropy_pi)
+        if kl is not None:
+            return kl
     kl = (_log_probs(x, kind) @ pi).neg_().add_(neg_entropy_pi)
     return _invalidate(kl.clamp_min_(0.0), x, kind)
 

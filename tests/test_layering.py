@@ -28,6 +28,7 @@ LAYER_OF = {
     "oodmon._atomic": "core",
     "oodmon._lazy_exports": "core",
     "oodmon._scratch": "core",
+    "oodmon._fused": "core",
     "oodmon.detector": "decision",
     "oodmon.verdict": "decision",
     "oodmon.monitor": "middleware",
