@@ -13,6 +13,7 @@ float32. Nothing here synchronises with the device or loops over samples in Pyth
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -235,7 +236,15 @@ def _invalidate(score: Tensor, x: Tensor, kind: str = "logits") -> Tensor:
     """
     if kind == "log_probs":
         x = torch.nan_to_num(x, nan=float("nan"), posinf=float("inf"), neginf=0.0)
+    if x.numel() < _SINGLE_PASS_MIN_ELEMENTS:  # a GEMV is half the cost of a small row sum
+        return score.add(x @ _ones(x.shape[-1], x.device, x.dtype), alpha=0)
     return score.add(x.sum(dim=-1), alpha=0)
+
+
+@functools.lru_cache(maxsize=64)
+def _ones(k: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """A cached read-only vector of ``k`` ones (row sums as a matrix-vector product)."""
+    return torch.ones(k, device=device, dtype=dtype)
 
 
 # ---------------------------------------------------------------------- baselines
@@ -319,8 +328,10 @@ def _entropy(x: Tensor, kind: str) -> Tensor:
         return _invalidate(h, x)
     log_p = _log_probs(x, kind)
     p = x if kind == "probs" else log_p.exp()
-    h = -torch.linalg.vecdot(p, _zero_log0(log_p, kind))
-    return _invalidate(h, x, kind)
+    h = torch.linalg.vecdot(p, _zero_log0(log_p, kind)).neg_()
+    # from logits a NaN or inf makes the row's log_softmax NaN, and a -inf logit gives
+    # 0 * -inf = NaN in the product: such rows are NaN already
+    return h if kind == "logits" else _invalidate(h, x, kind)
 
 
 # ---------------------------------------------------------------------- distances to the OCS
@@ -359,8 +370,8 @@ def _kl_to_ocs(x: Tensor, ocs: OCS, kind: str) -> Tensor:
     log_p = _log_probs(x, kind)
     p = x if kind == "probs" else log_p.exp()
     # sum_k p_k (log p_k - log pi_k) = p . log p - p @ log pi  (the GEMV avoids a [N, K] temp)
-    kl = torch.linalg.vecdot(p, _zero_log0(log_p, kind)) - p @ log_pi
-    return _invalidate(kl.clamp_min(0.0), x, kind)
+    kl = torch.linalg.vecdot(p, _zero_log0(log_p, kind)).sub_(p @ log_pi).clamp_min_(0.0)
+    return kl if kind == "logits" else _invalidate(kl, x, kind)  # NaN rows: as in _entropy
 
 
 def reverse_kl_to_ocs(outputs: Tensor, ocs: OCS, kind: InputKind = "logits") -> Tensor:
