@@ -105,14 +105,21 @@ class Batcher:
     # ------------------------------------------------------------------ caller side
 
     def submit(
-        self, outputs: Tensor, inputs: Any, ids: Sequence[str] | None, *, copy_inputs: bool
+        self,
+        outputs: Tensor,
+        inputs: Any,
+        ids: Sequence[str] | None,
+        *,
+        copy_inputs: bool,
+        rows: int | None = None,
     ) -> str | None:
         """Reserve room, copy, and queue a batch; returns why it was refused, or None.
 
         Room is reserved before anything is copied, so a refused batch costs no copy.
-        The reason is ``"closed"`` or ``"backlog"``.
+        The reason is ``"closed"`` or ``"backlog"``. ``rows`` is the caller's
+        ``row_count(outputs)`` if it has it already.
         """
-        rows = row_count(outputs)
+        rows = row_count(outputs) if rows is None else rows
         size = nbytes(outputs) + nbytes(inputs)
         with self._wakeup:
             reason = self._refusal(rows, size)
@@ -317,7 +324,7 @@ def _copies_done_event(x: Tensor) -> Any:
     The worker scores on another stream and must not read the copies before the caller's
     stream has written them.
     """
-    if x.device.type != "cuda":
+    if not x.is_cuda:
         return None
     event = torch.cuda.Event()
     event.record(torch.cuda.current_stream(x.device))

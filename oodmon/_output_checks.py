@@ -49,10 +49,24 @@ def as_outputs(outputs: Any) -> Tensor:
     return x.unsqueeze(0) if x.ndim == 1 else x
 
 
+#: Tensor dtypes a score can read (bool and complex are refused below).
+_PLAIN_DTYPES = frozenset(
+    (torch.float32, torch.float16, torch.bfloat16, torch.float64,
+     torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+)  # fmt: skip
+
+
 def unscorable(outputs: Any) -> tuple[str | None, str]:
     """``(invalid reason, what the outputs are)`` for outputs no score can read, else None."""
     try:
         if isinstance(outputs, Tensor):
+            if (  # the common case first, in the cheapest attribute reads
+                outputs.dtype in _PLAIN_DTYPES
+                and outputs.layout is torch.strided
+                and not outputs.is_nested
+                and not outputs.is_meta
+            ):
+                return None, ""
             if outputs.is_nested:
                 return "wrong_layout", "as a nested tensor"
             if outputs.layout != torch.strided:

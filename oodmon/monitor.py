@@ -294,7 +294,7 @@ class Monitor:
                 return
             rows = row_count(x)
             inputs, ids = self._matched_extras(rows, inputs, ids)
-            reason = self._batcher.submit(x, inputs, ids, copy_inputs=copy_inputs)
+            reason = self._batcher.submit(x, inputs, ids, copy_inputs=copy_inputs, rows=rows)
             if reason is not None:
                 self._count_skipped(rows, reason)
         except Exception as err:
