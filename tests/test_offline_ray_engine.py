@@ -141,6 +141,8 @@ def test_part_writer_keeps_order_across_parts_and_counts(tmp_path: Path) -> None
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == [f"part-{i:06d}.parquet" for i in range(3)]
     assert [pq.read_table(tmp_path / "out" / n).num_rows for n in names] == [7, 7, 6]
+    # small blocks are gathered: one row group per part here, not one per block
+    assert [pq.ParquetFile(tmp_path / "out" / n).num_row_groups for n in names] == [1, 1, 1]
     assert pq.read_table(tmp_path / "out").column("id").to_pylist() == [f"r{i}" for i in range(20)]
     assert (parts.rows, parts.flagged, parts.reasons) == (20, 7, {"null": 4})
 

@@ -43,7 +43,7 @@ from oodmon.offline.rows import (
 )
 from oodmon.offline.scoring import empty_batch, score_batch
 from oodmon.offline.summary import ScoreSummary
-from oodmon.offline.writers import parquet_writer
+from oodmon.offline.writers import ROW_GROUP_ROWS, parquet_writer
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -323,6 +323,8 @@ class PartWriter:
         self.rows = self.flagged = 0
         self.reasons: dict[str, int] = {}
         self._writer: Any = None
+        self._pending: list[pa.Table] = []
+        self._pending_rows = 0
         self._part_rows = 0
         self._parts = 0
 
@@ -340,16 +342,28 @@ class PartWriter:
                 self._next_part(table.schema)
             take = min(table.num_rows - start, self.rows_per_part - self._part_rows)
             piece = table.slice(start, take)
-            self._writer.write_table(piece if piece.schema.equals(self._schema)
-                                     else piece.cast(self._schema))  # fmt: skip
+            self._pending.append(piece if piece.schema.equals(self._schema)
+                                 else piece.cast(self._schema))  # fmt: skip
+            self._pending_rows += take
             self._part_rows += take
             start += take
+            if self._pending_rows >= ROW_GROUP_ROWS:
+                self._flush()
 
     def close(self) -> None:
         """Finish the open part file."""
         if self._writer is not None:
+            self._flush()
             self._writer.close()
             self._writer = None
+
+    def _flush(self) -> None:
+        """Write the gathered blocks as one row group (workers' blocks can be small)."""
+        import pyarrow as pa
+
+        if self._pending:
+            self._writer.write_table(pa.concat_tables(self._pending))
+        self._pending, self._pending_rows = [], 0
 
     def _next_part(self, schema: pa.Schema) -> None:
         self.close()

@@ -24,7 +24,14 @@ import numpy as np
 from oodmon.offline.rows import INVALID_REASONS
 from oodmon.offline.scoring import ScoredBatch, empty_batch
 
-__all__ = ["OUTPUT_FORMATS", "VerdictWriter", "open_writer", "output_format", "parquet_writer"]
+__all__ = [
+    "OUTPUT_FORMATS",
+    "ROW_GROUP_ROWS",
+    "VerdictWriter",
+    "open_writer",
+    "output_format",
+    "parquet_writer",
+]
 
 #: Output format -> suffixes that select it (anything else is CSV, as ``oodmon score`` was).
 OUTPUT_FORMATS: dict[str, tuple[str, ...]] = {
@@ -36,7 +43,7 @@ OUTPUT_FORMATS: dict[str, tuple[str, ...]] = {
 _REASON_NAMES = np.array([None, *INVALID_REASONS], dtype=object)
 #: Rows a Parquet row group gathers before it is written (small batches, e.g. from JSON
 #: Lines, would otherwise make tiny row groups).
-_ROW_GROUP_ROWS = 65_536
+ROW_GROUP_ROWS = 65_536
 _UNIQUE_COLUMNS = ("index", "score", "distance", "p_value")
 
 
@@ -168,7 +175,7 @@ class VerdictWriter:
     def _write_parquet(self, table: Any) -> None:
         self._pending.append(table)
         self._pending_rows += table.num_rows
-        if self._pending_rows >= _ROW_GROUP_ROWS:
+        if self._pending_rows >= ROW_GROUP_ROWS:
             self._flush_parquet()
 
     def _flush_parquet(self) -> None:
