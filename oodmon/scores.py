@@ -215,7 +215,10 @@ def _log_sum_exp(z: Tensor) -> Tensor:
     The largest probability is ``exp(0) / s`` with ``s = sum_k exp(z_k - max z)``, so
     ``logsumexp(z) = max z + log s = max z - log(max_k p_k)``: one softmax kernel and two
     row maxima, where ``torch.logsumexp`` takes four passes and an ``[N, K]`` temporary.
+    Small batches take ``torch.logsumexp`` all the same: one call instead of five.
     """
+    if z.numel() < _SINGLE_PASS_MIN_ELEMENTS:
+        return torch.logsumexp(z, dim=-1)
     return z.amax(dim=-1).sub_(torch.log(_softmax(z).amax(dim=-1)))
 
 
