@@ -23,14 +23,15 @@ import os
 import struct
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 from xml.sax.saxutils import quoteattr
-
-import numpy as np
 
 from oodmon._atomic import atomic_write
 from oodmon.label_queue.item import QueueItem, finite_or_none
 from oodmon.label_queue.store import LabelQueue
+
+if TYPE_CHECKING:  # NumPy is imported where images are encoded: queue commands start faster
+    import numpy as np
 
 __all__ = [
     "FORMATS",
@@ -58,6 +59,8 @@ def png_bytes(image: np.ndarray) -> bytes:
     Raises:
         ValueError: the array is not image-shaped.
     """
+    import numpy as np
+
     arr = _image_layout(np.asarray(image))
     if arr is None:
         raise ValueError(
@@ -84,6 +87,8 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 def _image_layout(arr: np.ndarray) -> np.ndarray | None:
     """``[H, W]`` or ``[H, W, 3]`` view of an image-like array, or None if not image-like."""
+    import numpy as np
+
     if arr.dtype.kind not in "biuf":
         return None
     if arr.ndim == 3:
@@ -99,6 +104,8 @@ def _image_layout(arr: np.ndarray) -> np.ndarray | None:
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
+    import numpy as np
+
     if arr.dtype == np.uint8:
         return np.ascontiguousarray(arr)
     x = arr.astype(np.float64)
@@ -141,6 +148,8 @@ def label_studio_task(
     elif item.input_ref is not None:
         data[to_name] = item.input_ref
     elif array is not None:
+        import numpy as np
+
         data["input"] = (
             np.where(np.isfinite(array), array, 0).tolist()
             if array.dtype.kind == "f"

@@ -16,9 +16,10 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:  # NumPy loads when an input is encoded or decoded: queue commands start faster
+    import numpy as np
 
 __all__ = [
     "STATUSES",
@@ -83,6 +84,8 @@ class QueueItem:
         """The stored input as an array (``np.load``, no pickle), or None."""
         if self.input_npy is None:
             return None
+        import numpy as np
+
         return np.load(io.BytesIO(self.input_npy), allow_pickle=False)
 
     @property
@@ -206,6 +209,8 @@ def npy_bytes(value: Any) -> bytes:
         if t.dtype == torch.bfloat16:  # numpy has no bfloat16
             t = t.to(torch.float32)
         value = t.cpu().numpy()
+    import numpy as np
+
     arr = np.ascontiguousarray(np.asarray(value))
     if arr.dtype.kind not in "biufc":
         raise ValueError(
