@@ -110,6 +110,22 @@ def test_the_public_names_load_on_first_use() -> None:
         oodmon.Nope  # noqa: B018
 
 
+def test_submodules_load_on_first_access() -> None:
+    code = (
+        "import sys, oodmon, oodmon.label_queue as q; "
+        "assert 'oodmon.scores' not in sys.modules; "
+        "print(oodmon.scores.use_compiled.__name__, oodmon.offline.__name__, "
+        "q.writer.QueueWriter.__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.split() == ["use_compiled", "oodmon.offline", "QueueWriter"], out.stderr
+    import oodmon
+
+    for missing in ("Nope", "nope_module"):
+        with pytest.raises(AttributeError, match=f"no attribute '{missing}'"):
+            getattr(oodmon, missing)
+
+
 def test_no_public_name_is_also_a_submodule_name() -> None:
     # importing a submodule binds it on the package, hiding a lazily loaded name of the same
     # spelling (`oodmon.wrap(model)` would call a module)
