@@ -10,7 +10,7 @@ in one process. Output is a directory of Parquet files, in input order.
 Ray Data keeps block order through ``map_batches`` when ``preserve_order`` is set, but its
 distributed ``write_parquet`` does not: verdict blocks can land in a file out of order. So
 the driver streams the (small: seven columns per row) verdict blocks in order and writes
-numbered part files itself, :data:`ROWS_PER_PART` rows each.
+numbered part files itself (:class:`PartWriter`), :data:`ROWS_PER_PART` rows each.
 
 Benjamini-Hochberg (``fdr``) needs every p-value: the first Ray job counts rows per p-value
 level in the workers (``n_calibration + 1`` integers per batch, summed in the driver), the
@@ -43,7 +43,7 @@ from oodmon.offline.rows import (
 )
 from oodmon.offline.scoring import empty_batch, score_batch
 from oodmon.offline.summary import ScoreSummary
-from oodmon.offline.writers import ROW_GROUP_ROWS, parquet_writer
+from oodmon.offline.writers import RowGroupWriter
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -322,59 +322,44 @@ class PartWriter:
         self.rows_per_part = rows_per_part
         self.rows = self.flagged = 0
         self.reasons: dict[str, int] = {}
-        self._writer: Any = None
-        self._pending: list[pa.Table] = []
-        self._pending_rows = 0
+        self._part: RowGroupWriter | None = None
         self._part_rows = 0
         self._parts = 0
 
     def write(self, table: pa.Table) -> None:
         """Append a verdict table, starting a new part file whenever one is full."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        self._count(table, pa, pc)
-        if self._writer is None:
-            self._next_part(table.schema)
+        self._count(table)
+        if self._part is None:  # the first part carries the schema even with no rows
+            self._next_part()
+            assert self._part is not None
+            self._part.write(table.slice(0, 0))
         start = 0
         while start < table.num_rows:
             if self._part_rows >= self.rows_per_part:
-                self._next_part(table.schema)
+                self._next_part()
             take = min(table.num_rows - start, self.rows_per_part - self._part_rows)
-            piece = table.slice(start, take)
-            self._pending.append(piece if piece.schema.equals(self._schema)
-                                 else piece.cast(self._schema))  # fmt: skip
-            self._pending_rows += take
+            assert self._part is not None
+            self._part.write(table.slice(start, take))
             self._part_rows += take
             start += take
-            if self._pending_rows >= ROW_GROUP_ROWS:
-                self._flush()
 
     def close(self) -> None:
         """Finish the open part file."""
-        if self._writer is not None:
-            self._flush()
-            self._writer.close()
-            self._writer = None
+        if self._part is not None:
+            self._part.close()
 
-    def _flush(self) -> None:
-        """Write the gathered blocks as one row group (workers' blocks can be small)."""
-        import pyarrow as pa
-
-        if self._pending:
-            self._writer.write_table(pa.concat_tables(self._pending))
-        self._pending, self._pending_rows = [], 0
-
-    def _next_part(self, schema: pa.Schema) -> None:
+    def _next_part(self) -> None:
+        schema = None if self._part is None else self._part.schema  # every part: the first's
         self.close()
-        if self._parts == 0:
-            self._schema = schema
         path = f"{self._root.rstrip('/')}/part-{self._parts:06d}.parquet"
-        self._writer = parquet_writer(path, self._schema, filesystem=self._fs)
+        self._part = RowGroupWriter(path, schema, filesystem=self._fs)
         self._parts += 1
         self._part_rows = 0
 
-    def _count(self, table: pa.Table, pa: Any, pc: Any) -> None:
+    def _count(self, table: pa.Table) -> None:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
         self.rows += table.num_rows
         self.flagged += int(pc.sum(table.column("flag")).as_py() or 0)
         reasons = pc.value_counts(table.column("invalid_reason").cast(pa.string()))

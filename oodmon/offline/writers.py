@@ -27,10 +27,10 @@ from oodmon.offline.scoring import ScoredBatch, empty_batch
 __all__ = [
     "OUTPUT_FORMATS",
     "ROW_GROUP_ROWS",
+    "RowGroupWriter",
     "VerdictWriter",
     "open_writer",
     "output_format",
-    "parquet_writer",
 ]
 
 #: Output format -> suffixes that select it (anything else is CSV, as ``oodmon score`` was).
@@ -93,10 +93,7 @@ class VerdictWriter:
         self._file: Any = None
         self._stream: TextIO | None = None if self._tmp else destination  # type: ignore[assignment]
         self._csv: Any = None
-        self._parquet: Any = None
-        self._schema: Any = None
-        self._pending: list[Any] = []
-        self._pending_rows = 0
+        self._parquet: RowGroupWriter | None = None
         self.rows = 0
 
     def __enter__(self) -> VerdictWriter:
@@ -125,8 +122,7 @@ class VerdictWriter:
         """Finish the file and move it into place."""
         if self.rows == 0:  # no rows: still a valid file, with its header or schema
             self.write(empty_batch(self.keep), 0 if self.index else None)
-        if self.format == "parquet":
-            self._flush_parquet()
+        if self._parquet is not None:
             self._parquet.close()
         if self._file is not None:
             self._file.close()
@@ -137,12 +133,16 @@ class VerdictWriter:
 
     def abort(self) -> None:
         """Drop the partial file; the destination is left as it was."""
-        for handle in (self._parquet, self._file):
-            try:
-                if handle is not None:
-                    handle.close()
-            except Exception:  # closing a broken writer must not hide the original error
-                pass
+        try:  # closing a broken writer must not hide the original error
+            if self._parquet is not None:
+                self._parquet.close(flush=False)
+        except Exception:
+            pass
+        try:
+            if self._file is not None:
+                self._file.close()
+        except Exception:
+            pass
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
 
@@ -173,35 +173,59 @@ class VerdictWriter:
     # ------------------------------------------------------------------ parquet
 
     def _write_parquet(self, table: Any) -> None:
-        self._pending.append(table)
+        if self._parquet is None:
+            assert self._tmp is not None
+            self._parquet = RowGroupWriter(str(self._tmp))
+        self._parquet.write(table)
+
+
+class RowGroupWriter:
+    """One Parquet file of verdict tables, in row groups of about :data:`ROW_GROUP_ROWS` rows.
+
+    Small tables (JSON Lines batches, Ray's blocks) are gathered first, since tiny row groups
+    make a file slow to read. Every table is cast to ``schema`` (default: the first table's).
+    Only the columns that repeat are dictionary-encoded: trying it on the float columns
+    doubles the write time for nothing. The file is created at the first flush, so a writer
+    given only an empty table still leaves a file with the schema.
+    """
+
+    def __init__(self, path: str, schema: Any = None, filesystem: Any = None) -> None:
+        self.path, self.schema, self._filesystem = path, schema, filesystem
+        self._file: Any = None
+        self._pending: list[Any] = []
+        self._pending_rows = 0
+
+    def write(self, table: Any) -> None:
+        """Append a table; a full row group is written out."""
+        if self.schema is None:
+            self.schema = table.schema
+        self._pending.append(table if table.schema.equals(self.schema) else table.cast(self.schema))
         self._pending_rows += table.num_rows
         if self._pending_rows >= ROW_GROUP_ROWS:
-            self._flush_parquet()
+            self.flush()
 
-    def _flush_parquet(self) -> None:
+    def flush(self) -> None:
+        """Write what is gathered as one row group."""
         import pyarrow as pa
+        import pyarrow.parquet as pq
 
         if not self._pending:
             return
-        if self._parquet is None:
-            self._schema = self._pending[0].schema
-            self._parquet = parquet_writer(str(self._tmp), self._schema)
-        schema = self._schema
-        tables = [t if t.schema.equals(schema) else t.cast(schema) for t in self._pending]
-        self._parquet.write_table(pa.concat_tables(tables) if len(tables) > 1 else tables[0])
+        if self._file is None:
+            dictionary = [f.name for f in self.schema if f.name not in _UNIQUE_COLUMNS]
+            self._file = pq.ParquetWriter(self.path, self.schema, filesystem=self._filesystem,
+                                          use_dictionary=dictionary)  # fmt: skip
+        pending = self._pending
+        self._file.write_table(pa.concat_tables(pending) if len(pending) > 1 else pending[0])
         self._pending, self._pending_rows = [], 0
 
-
-def parquet_writer(path: str, schema: Any, filesystem: Any = None) -> Any:
-    """A ``pyarrow.parquet.ParquetWriter`` for verdict tables.
-
-    Only the columns that repeat are dictionary-encoded: trying it on the float columns
-    doubles the write time for nothing.
-    """
-    import pyarrow.parquet as pq
-
-    dictionary = [f.name for f in schema if f.name not in _UNIQUE_COLUMNS]
-    return pq.ParquetWriter(path, schema, filesystem=filesystem, use_dictionary=dictionary)
+    def close(self, flush: bool = True) -> None:
+        """Finish the file (``flush=False``: drop what is gathered, for a failed run)."""
+        if flush:
+            self.flush()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def open_writer(
