@@ -33,9 +33,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
+from metrics_update import synthetic_batch, synthetic_calibration  # the same data as there
 
-from oodmon.conformal import p_values
 from oodmon.metrics import DEFAULT_DISTANCE_BUCKETS, DEFAULT_P_VALUE_BUCKETS
 
 
@@ -128,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     config = Config(rounds=args.rounds, calls=args.calls)
     rng = np.random.default_rng(config.seed)
     n = config.n_calibration
-    calibration = torch.sort(-torch.from_numpy(rng.gamma(2.0, 0.8, size=n))).values
+    calibration = synthetic_calibration(rng, n)
     p_bounds, d_bounds = with_inf(DEFAULT_P_VALUE_BUCKETS), with_inf(DEFAULT_DISTANCE_BUCKETS)
     ranks = Ranks(n, p_bounds)
 
@@ -145,8 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cases: dict[tuple[str, str, int], tuple[Callable[[np.ndarray], np.ndarray], np.ndarray]] = {}
     for size in config.sizes:
-        distance = rng.gamma(2.0, 0.8, size=size)
-        p = p_values(torch.from_numpy(-distance), calibration).numpy()
+        distance, p = synthetic_batch(rng, size, calibration)
         rank = np.rint(p * (n + 1)).astype(np.intp)
         for histogram, x in (("p-value", p), ("distance", distance)):
             want = counters[histogram]["sort"](x)

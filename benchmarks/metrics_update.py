@@ -77,13 +77,29 @@ class NaiveMetrics:
         self.scoring.labels(*key).observe(observation.scoring_seconds)
 
 
+def synthetic_distances(rng: np.random.Generator, n: int) -> np.ndarray:
+    """KL distances like a 10-class model's, spread over 0..~5 nats."""
+    return rng.gamma(2.0, 0.8, size=n)
+
+
+def synthetic_calibration(rng: np.random.Generator, n: int = 1000) -> torch.Tensor:
+    """Sorted calibration scores (negated distances) of the same distribution."""
+    return torch.sort(-torch.from_numpy(synthetic_distances(rng, n))).values
+
+
+def synthetic_batch(
+    rng: np.random.Generator, n: int, calibration: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` distances and the conformal p-values they get (as a Monitor computes them)."""
+    distance = synthetic_distances(rng, n)
+    return distance, p_values(torch.from_numpy(-distance), calibration).numpy()
+
+
 def make_observation(
     rng: np.random.Generator, n: int, alpha: float, calibration: torch.Tensor
 ) -> Observation:
-    """A batch like a 10-class model's: KL distances spread over 0..~5 nats, and the conformal
-    p-values those distances get against the calibration scores (as a Monitor computes them)."""
-    distance = rng.gamma(2.0, 0.8, size=n)
-    p_value = p_values(torch.from_numpy(-distance), calibration).numpy()
+    """An observed batch of :func:`synthetic_batch` rows."""
+    distance, p_value = synthetic_batch(rng, n, calibration)
     verdict = HostVerdict(
         score=-distance,
         distance=distance,
@@ -127,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     config = Config(rounds=args.rounds, calls=args.calls)
     rng = np.random.default_rng(config.seed)
 
-    calibration = torch.sort(-torch.from_numpy(rng.gamma(2.0, 0.8, size=1000))).values
+    calibration = synthetic_calibration(rng)
     sinks = {path: PrometheusMetrics(CollectorRegistry()) for path in ("ocs", "non-OCS")}
     sinks["ocs"].describe(summary_for("ocs_kl", config.alpha, calibration))
     sinks["non-OCS"].describe(summary_for("msp", config.alpha, calibration))
