@@ -67,14 +67,20 @@ def test_compiled_scores_equal_eager(kernel: str, score, compiled: None) -> None
     assert torch.isnan(fused[[4, 5]]).all()
 
 
+def compiler_raising(error: Exception, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``torch.compile`` raises ``error``, and no kernel is compiled yet."""
+
+    def compile(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(torch, "compile", compile)
+    monkeypatch.setattr(_fused, "_compiled", {})
+
+
 def test_small_batches_and_autograd_stay_eager(
     compiled: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def no_compiling(*args, **kwargs):
-        raise AssertionError("compiled where eager was expected")
-
-    monkeypatch.setattr(torch, "compile", no_compiling)
-    monkeypatch.setattr(_fused, "_compiled", {})
+    compiler_raising(AssertionError("compiled where eager was expected"), monkeypatch)
     small = awkward_logits(8)
     assert small.numel() < S._SINGLE_PASS_MIN_ELEMENTS
     S.kl_to_ocs(small, OCS)
@@ -87,11 +93,7 @@ def test_small_batches_and_autograd_stay_eager(
 def test_a_failing_compiler_falls_back_to_eager_once(
     compiled: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken(*args, **kwargs):
-        raise RuntimeError("no C++ compiler")
-
-    monkeypatch.setattr(torch, "compile", broken)
-    monkeypatch.setattr(_fused, "_compiled", {})
+    compiler_raising(RuntimeError("no C++ compiler"), monkeypatch)
     z = awkward_logits(1024)
     with caplog.at_level(logging.WARNING, logger="oodmon"):
         first, second = S.entropy(z), S.entropy(z)
