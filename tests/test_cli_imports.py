@@ -79,6 +79,14 @@ def test_light_entry_points_do_not_import_torch_or_numpy(argv: tuple[str, ...]) 
     assert not _heavy(modules), sorted(_heavy(modules))[:5]
 
 
+@pytest.mark.parametrize("argv", [("--version",), ("--help",), ("queue", "--help")])
+def test_version_and_help_do_not_import_the_label_queue(argv: tuple[str, ...]) -> None:
+    # the queue modules (HTTP and XML clients among them) were a third of `--version`
+    code, modules = imported_by(*argv)
+    assert code == 0
+    assert not {m for m in modules if m.startswith("oodmon.label_queue")}
+
+
 @pytest.mark.parametrize(
     "command", [("stats",), ("stats", "--json"), ("ls",), ("export",), ("claim", "--worker", "w")]
 )

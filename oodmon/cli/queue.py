@@ -22,7 +22,10 @@ control characters escaped, so that no stored string can drive the terminal or f
 exit code and raises, for the main CLI to print as one line: ``ValueError`` /
 ``FileNotFoundError`` / ``LookupError`` for input errors,
 :class:`~oodmon.label_queue.QueueUnavailableError` (a ``ConnectionError``: busy, locked,
-unreachable) or another :class:`~oodmon.errors.OodmonError` for runtime failures.
+unreachable) or another :class:`~oodmon.errors.OodmonError` for runtime failures. Handlers
+import the label queue when they run: the parser is built for every ``oodmon`` command,
+``--version`` included, and the queue modules (HTTP and XML clients among them) are a third
+of a light command's start-up.
 """
 
 from __future__ import annotations
@@ -33,21 +36,18 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from oodmon._atomic import atomic_write
 from oodmon._printable import printable
-from oodmon.label_queue import (
-    FORMATS,
-    LabelQueue,
-    QueueError,
-    QueueItem,
-    export_queue,
-    format_utc,
-    write_items,
-)
-from oodmon.label_queue.export import labelling_config
-from oodmon.label_queue.label_studio import API_KEY_ENV, LabelStudioClient, pull, push
+from oodmon.cli._lazy import DeferredChoices
+
+if TYPE_CHECKING:
+    from oodmon.label_queue import LabelQueue, QueueItem
+
+#: The export formats, read from the label queue when ``--format`` is checked or shown: the
+#: parser is built for every command (``--version`` included), the queue only when one runs.
+_FORMATS = DeferredChoices("oodmon.label_queue.export", "FORMATS", tuple)
 
 __all__ = [
     "cmd_claim",
@@ -160,9 +160,10 @@ def _add_output(parser: argparse.ArgumentParser, default: str | None = "-") -> N
     )
     parser.add_argument(
         "--format",
-        choices=FORMATS,
+        choices=_FORMATS,
         default="label-studio",
-        help="Label Studio import JSON (default) or JSON Lines",
+        metavar="FORMAT",
+        help="one of %(choices)s: Label Studio import JSON (default) or JSON Lines",
     )
     parser.add_argument(
         "--class-names", help="comma-separated class names, for Label Studio predictions"
@@ -184,6 +185,8 @@ def _positive(text: str) -> int:
 
 
 def _open(url: str, *, read_only: bool, timeout: float = 10.0) -> LabelQueue:
+    from oodmon.label_queue import LabelQueue, QueueError
+
     if not (math.isfinite(timeout) and timeout >= 0):
         raise ValueError(f"Expected --timeout >= 0 seconds, but got {timeout!r}.")
     try:
@@ -228,7 +231,11 @@ def cmd_export(args: argparse.Namespace) -> int:
                 "Expected --class-names (and --format label-studio) with --config-out: the "
                 "labelling config lists the class names."
             )
+        from oodmon.label_queue.export import labelling_config
+
         config = labelling_config(_class_names(args) or [])
+    from oodmon.label_queue import export_queue
+
     with _open(args.url, read_only=True, timeout=args.timeout) as queue:
         count = export_queue(
             queue,
@@ -249,6 +256,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_claim(args: argparse.Namespace) -> int:
     """``oodmon queue claim``: lease the most-OOD queued items to a worker."""
+    from oodmon.label_queue import format_utc, write_items
+
     with _open(args.url, read_only=False, timeout=args.timeout) as queue:
         items = queue.claim(args.n, args.worker, args.lease)
     if args.output is not None:
@@ -286,6 +295,8 @@ def _class_names(args: argparse.Namespace) -> list[str] | None:
 
 def cmd_push(args: argparse.Namespace) -> int:
     """``oodmon queue push``: send new queued items to a Label Studio project, most OOD first."""
+    from oodmon.label_queue.label_studio import push
+
     client = _studio(args)
     with _open(args.url, read_only=False, timeout=args.timeout) as queue:
         result = push(
@@ -307,6 +318,8 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 def cmd_pull(args: argparse.Namespace) -> int:
     """``oodmon queue pull``: bring Label Studio annotations back as done items."""
+    from oodmon.label_queue.label_studio import pull
+
     client = _studio(args)
     with _open(args.url, read_only=False, timeout=args.timeout) as queue:
         result = pull(queue, client, args.project)
@@ -321,6 +334,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def _studio(args: argparse.Namespace) -> Any:
+    from oodmon.label_queue.label_studio import API_KEY_ENV, LabelStudioClient
+
     return LabelStudioClient(args.label_studio, os.environ.get(API_KEY_ENV, ""))
 
 
@@ -329,6 +344,8 @@ def _studio(args: argparse.Namespace) -> Any:
 
 def format_items(items: Sequence[QueueItem]) -> str:
     """A readable table of items (no inputs); control characters in any cell are escaped."""
+    from oodmon.label_queue import format_utc
+
     headers = [
         "ID",
         "STATUS",
