@@ -4,17 +4,17 @@
 
 ``PrometheusMetrics.record`` needs, per histogram, the cumulative count of a batch at each
 bucket bound (``#{x <= bound}``), exactly as per-sample ``observe`` would count. For a
-non-OCS score (msp, energy, ...) it sorts the distances and the p-values apart; issue 15 asks
-whether the p-value count (and the distance count) can be cheaper. Each strategy is checked
+non-OCS score (msp, energy, ...) it sorts the distances and counts the p-values from the
+verdict's calibration ranks; this compares the ways one could count either. Each strategy is checked
 to give the sort's counts on the benchmark data, then timed at batch 1 and 4096, interleaved
 round by round; the table shows the median and the minimum over rounds, in microseconds:
 
-* ``sort``: ``searchsorted(sort(x), bounds)``, what the sink does.
+* ``sort``: ``searchsorted(sort(x), bounds)``, what the sink does for distances.
 * ``bucket search``: ``bincount(searchsorted(bounds, x))``, a binary search per sample.
 * ``ranks from p``: conformal p-values are ``j / (n + 1)``: recover j from p, check that it
   gives back p exactly, look the bucket up in a table and ``bincount`` (p-values only).
-* ``carried ranks``: the same with j handed over by the detector, no recovery and no check:
-  the least a count of p-values can cost (p-values only; the Verdict carries no ranks today).
+* ``carried ranks``: the same with j handed over by the detector, no recovery and no check
+  (p-values only): what the sink does for non-OCS scores, from ``Verdict.calibration_rank``.
 * ``bit grid``: the float's bit pattern shifted right indexes a table of buckets; the few
   values in cells that hold a bound are counted exactly apart.
 * ``outer compare``: a ``[bounds, N]`` comparison summed per row.
@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
 
     cases: dict[tuple[str, str, int], tuple[Callable[[np.ndarray], np.ndarray], np.ndarray]] = {}
     for size in config.sizes:
-        distance, p = synthetic_batch(rng, size, calibration)
-        rank = np.rint(p * (n + 1)).astype(np.intp)
+        distance, p, below = synthetic_batch(rng, size, calibration)
+        rank = n + 1 - below  # the Ranks table counts j = n + 1 - #{calibration < score}
         for histogram, x in (("p-value", p), ("distance", distance)):
             want = counters[histogram]["sort"](x)
             for name, count in counters[histogram].items():

@@ -8,7 +8,8 @@ ways the sink fills the p-value histogram:
 
 * ``ocs``: an OCS score (the default, distance == -score); one sort of the distances counts
   both histograms (the p-value buckets through ``conformal.score_cutoffs``).
-* ``non-OCS``: any other score (msp, energy, ...); distances and p-values are sorted apart.
+* ``non-OCS``: any other score (msp, energy, ...); the distances are sorted, the p-values
+  counted from the verdict's calibration ranks (a ``bincount``, no sort).
 
 and, for scale, a naive sink that calls ``Histogram.observe`` once per sample. Sizes and
 paths are interleaved round by round so that drift in machine load hits them alike; each round
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from oodmon.conformal import p_values
+from oodmon.conformal import ranked_p_values
 from oodmon.metrics import DEFAULT_DISTANCE_BUCKETS, DEFAULT_P_VALUE_BUCKETS, PrometheusMetrics
 from oodmon.sinks import DetectorSummary
 from oodmon.verdict import HostVerdict, Observation
@@ -89,17 +90,21 @@ def synthetic_calibration(rng: np.random.Generator, n: int = 1000) -> torch.Tens
 
 def synthetic_batch(
     rng: np.random.Generator, n: int, calibration: torch.Tensor
-) -> tuple[np.ndarray, np.ndarray]:
-    """``n`` distances and the conformal p-values they get (as a Monitor computes them)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``n`` distances, and the conformal p-values and calibration ranks they get.
+
+    As a Monitor computes them.
+    """
     distance = synthetic_distances(rng, n)
-    return distance, p_values(torch.from_numpy(-distance), calibration).numpy()
+    p_value, rank = ranked_p_values(torch.from_numpy(-distance), calibration)
+    return distance, p_value.numpy(), rank.numpy()
 
 
 def make_observation(
     rng: np.random.Generator, n: int, alpha: float, calibration: torch.Tensor
 ) -> Observation:
     """An observed batch of :func:`synthetic_batch` rows."""
-    distance, p_value = synthetic_batch(rng, n, calibration)
+    distance, p_value, rank = synthetic_batch(rng, n, calibration)
     verdict = HostVerdict(
         score=-distance,
         distance=distance,
@@ -107,6 +112,7 @@ def make_observation(
         flag=p_value <= alpha,
         invalid=np.zeros(n, dtype=bool),
         predicted=rng.integers(0, 10, size=n),
+        calibration_rank=rank,
     )
     return Observation("bench", "v1", verdict, {}, scoring_seconds=0.002)
 

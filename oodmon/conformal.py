@@ -16,6 +16,7 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -24,7 +25,9 @@ __all__ = [
     "check_alpha",
     "finite_scores",
     "min_calibration_size",
+    "p_value_of_rank",
     "p_values",
+    "ranked_p_values",
     "score_cutoffs",
     "score_threshold",
 ]
@@ -62,12 +65,32 @@ def p_values(scores: Tensor, calibration_sorted: Tensor) -> Tensor:
     Returns:
         ``[N]`` p-values in ``[1/(n+1), 1]`` (float64), NaN where the score is NaN.
     """
+    return ranked_p_values(scores, calibration_sorted)[0]
+
+
+def ranked_p_values(scores: Tensor, calibration_sorted: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`p_values`, and the calibration rank each one comes from.
+
+    The rank is ``#{calibration < score}`` (int64, 0 to n) and the p-value is exactly
+    ``float64(n + 1 - rank) / float64(n + 1)`` (see :func:`p_value_of_rank`): a p-value
+    histogram can be counted from the integer ranks without sorting floats. A NaN score ranks
+    ``n`` and keeps a NaN p-value.
+    """
     n = calibration_sorted.numel()
     s = finite_scores(scores.to(calibration_sorted.dtype)).contiguous()
     # #{cal >= s} = n - #{cal < s}; searchsorted(side="left") counts #{cal < s}.
-    below = torch.searchsorted(calibration_sorted, s, side="left")
-    p = (n + 1 - below).to(torch.float64).div_(n + 1.0)
-    return p.add_(s, alpha=0)  # NaN scores give NaN p-values (0 * NaN = NaN)
+    rank = torch.searchsorted(calibration_sorted, s, side="left")
+    p = (n + 1 - rank).to(torch.float64).div_(n + 1.0)
+    return p.add_(s, alpha=0), rank  # NaN scores give NaN p-values (0 * NaN = NaN)
+
+
+def p_value_of_rank(n: int) -> np.ndarray:
+    """``[n + 1]`` float64: the p-value of each calibration rank 0..n.
+
+    Bit for bit as :func:`ranked_p_values` computes it (the same integer and float64 steps).
+    """
+    ranks = np.arange(n + 1, dtype=np.int64)
+    return (n + 1 - ranks).astype(np.float64) / (n + 1.0)
 
 
 #: Infinite scores are legitimate extremes (an exact zero probability under the reverse KL);

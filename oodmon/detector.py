@@ -227,7 +227,7 @@ class Detector:
             # the OCS scores are negated distances already: don't compute them twice
             negated = self._spec.negated_distance
             dist = -score if negated else batch_distance(x, self.ocs, self.kind)
-        p = conformal.p_values(score, self._calibration_on(score.device))
+        p, rank = conformal.ranked_p_values(score, self._calibration_on(score.device))
         invalid = torch.isnan(score)
         flag = (p <= self.alpha) & ~invalid
         return Verdict(
@@ -237,6 +237,7 @@ class Detector:
             flag=flag,
             invalid=invalid,
             predicted=self._predicted(x, invalid),
+            calibration_rank=rank.masked_fill_(invalid, -1),
         )
 
     def _predicted(self, x: Tensor, invalid: Tensor) -> Tensor:

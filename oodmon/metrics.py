@@ -45,7 +45,7 @@ from prometheus_client import multiprocess as _multiprocess
 from prometheus_client.registry import Collector
 
 from oodmon._batch_histogram import BatchHistogram, multiprocess_enabled
-from oodmon.conformal import score_cutoffs
+from oodmon.conformal import p_value_of_rank, score_cutoffs
 from oodmon.scores import SCORES
 from oodmon.sinks import QUEUE_LOSS_REASONS, DetectorSummary
 from oodmon.verdict import INVALID_REASONS, Observation
@@ -212,6 +212,9 @@ class _Series:
     # the p-value buckets are counted from the same sort as the distance buckets.
     p_cutoffs: np.ndarray | None = None
     p_always: np.ndarray | None = None
+    # Any other score: the p-value bucket of each calibration rank 0..n, so the p-value
+    # buckets are counted from the verdict's integer ranks (a bincount, no sort).
+    p_bucket_of_rank: np.ndarray | None = None
 
 
 def _check_buckets(
@@ -346,6 +349,11 @@ class PrometheusMetrics:
             )
             series.p_cutoffs = -cutoffs  # score > c  <=>  distance < -c
             series.p_always = cutoffs == -np.inf
+        elif summary.calibration_size > 0 and series.p_value.batched:
+            # p <= bound_i  <=>  p lands in bucket i or below; the p-values are those of
+            # conformal.ranked_p_values bit for bit, so the lookup is exact
+            p_of_rank = p_value_of_rank(summary.calibration_size)
+            series.p_bucket_of_rank = np.searchsorted(series.p_value.bounds, p_of_rank, side="left")
         with self._lock:
             self._series[key] = series
             previous = self._info_labels.get(key)
@@ -374,8 +382,12 @@ class PrometheusMetrics:
                 self._invalid_child(series, observation, reason).inc(count)
         invalid = np.asarray(verdict.invalid, dtype=bool)
         any_invalid = bool(invalid.any())
+        rank = verdict.calibration_rank
         if series.p_cutoffs is not None:
             _observe_with_one_sort(series, verdict.distance, verdict.p_value, invalid, any_invalid)
+        elif series.p_bucket_of_rank is not None and rank is not None:
+            _observe_valid(series.distance, verdict.distance, invalid, any_invalid)
+            _observe_ranks(series, rank, verdict.p_value, invalid, any_invalid)
         else:
             _observe_valid(series.distance, verdict.distance, invalid, any_invalid)
             _observe_valid(series.p_value, verdict.p_value, invalid, any_invalid)
@@ -471,6 +483,28 @@ def _observe_with_one_sort(
     low = int(np.searchsorted(ordered, -np.inf, side="right"))
     high = int(np.searchsorted(ordered, np.inf, side="left"))
     series.distance.observe_sorted(ordered[low:high])
+
+
+def _observe_ranks(
+    series: _Series,
+    rank: np.ndarray,
+    p_value: np.ndarray,
+    invalid: np.ndarray,
+    any_invalid: bool,
+) -> None:
+    """Fill the p-value histogram from the valid rows' calibration ranks (any score).
+
+    A rank outside the described calibration (a detector swapped without a new
+    :meth:`PrometheusMetrics.describe`) raises, and the Monitor counts a metrics error.
+    """
+    assert series.p_bucket_of_rank is not None
+    if any_invalid:
+        rank, p_value = rank[~invalid], p_value[~invalid]
+    if rank.size == 0:
+        return
+    buckets = series.p_bucket_of_rank.take(rank)  # raises IndexError for an unknown rank
+    counts = np.bincount(buckets, minlength=series.p_value.bounds.size)
+    series.p_value.observe_cumulative(np.cumsum(counts), float(p_value.sum()))
 
 
 def _observe_valid(

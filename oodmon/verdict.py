@@ -40,6 +40,10 @@ class Verdict:
         invalid: ``[N]`` bool, the row could not be scored (NaN/inf outputs).
         predicted: ``[N]`` int64, the model's predicted class (argmax), or -1 where a loss has
             no notion of class (regression heads).
+        calibration_rank: ``[N]`` int64, how many calibration scores lie below the row's
+            score, so that ``p_value == (n + 1 - rank) / (n + 1)`` exactly; -1 when invalid.
+            Sinks count p-value histograms from it without sorting floats. None when the
+            verdict was built without it.
     """
 
     score: Tensor
@@ -48,6 +52,7 @@ class Verdict:
     flag: Tensor
     invalid: Tensor
     predicted: Tensor
+    calibration_rank: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.score.shape[0])
@@ -56,11 +61,13 @@ class Verdict:
         """Copy to host numpy arrays with at most one batched device-to-host transfer.
 
         CPU tensors are viewed without copying; device tensors are packed into one float64
-        block and copied once (float64 holds int64 class indices exactly below 2**53).
+        block and copied once (float64 holds int64 class indices and ranks exactly below 2**53).
         """
-        fields = (self.score, self.distance, self.p_value, self.flag, self.invalid, self.predicted)
+        fields = [self.score, self.distance, self.p_value, self.flag, self.invalid, self.predicted]
+        if self.calibration_rank is not None:
+            fields.append(self.calibration_rank)
         if self.score.device.type == "cpu":
-            score, distance, p_value, flag, invalid, predicted = (t.numpy() for t in fields)
+            score, distance, p_value, flag, invalid, predicted, *rank = (t.numpy() for t in fields)
             return HostVerdict(
                 score=score.astype(np.float64, copy=False),
                 distance=distance.astype(np.float64, copy=False),
@@ -68,6 +75,7 @@ class Verdict:
                 flag=flag,
                 invalid=invalid,
                 predicted=predicted,
+                calibration_rank=rank[0] if rank else None,
             )
         host = torch.stack([t.to(torch.float64) for t in fields]).cpu().numpy()
         return HostVerdict(
@@ -77,6 +85,7 @@ class Verdict:
             flag=host[3].astype(bool),
             invalid=host[4].astype(bool),
             predicted=host[5].astype(np.int64),
+            calibration_rank=host[6].astype(np.int64) if len(fields) > 6 else None,
         )
 
 
@@ -90,12 +99,14 @@ class HostVerdict:
     flag: np.ndarray
     invalid: np.ndarray
     predicted: np.ndarray
+    calibration_rank: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.score.shape[0])
 
     def take(self, index: np.ndarray) -> HostVerdict:
         """Rows at ``index`` (an integer array or boolean mask)."""
+        rank = self.calibration_rank
         return HostVerdict(
             score=self.score[index],
             distance=self.distance[index],
@@ -103,19 +114,22 @@ class HostVerdict:
             flag=self.flag[index],
             invalid=self.invalid[index],
             predicted=self.predicted[index],
+            calibration_rank=None if rank is None else rank[index],
         )
 
     @classmethod
     def all_invalid(cls, n: int) -> HostVerdict:
         """A verdict for ``n`` rows that could not be scored at all (e.g. wrong width)."""
         nan = np.full(n, np.nan)
+        none = np.full(n, -1, dtype=np.int64)
         return cls(
             score=nan,
             distance=nan.copy(),
             p_value=nan.copy(),
             flag=np.zeros(n, dtype=bool),
             invalid=np.ones(n, dtype=bool),
-            predicted=np.full(n, -1, dtype=np.int64),
+            predicted=none,
+            calibration_rank=none.copy(),
         )
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from scipy.stats import false_discovery_control
 
-from oodmon.conformal import benjamini_hochberg, p_values
+from oodmon.conformal import benjamini_hochberg, p_value_of_rank, p_values, ranked_p_values
 
 
 def test_ties_count_as_at_least_as_ood() -> None:
@@ -14,6 +14,21 @@ def test_ties_count_as_at_least_as_ood() -> None:
     p = p_values(torch.tensor([2.0, 3.5, 0.0, float("nan")]), cal)
     torch.testing.assert_close(p[:3], torch.tensor([4 / 5, 1 / 5, 5 / 5], dtype=torch.float64))
     assert torch.isnan(p[3])
+
+
+def test_ranks_give_the_p_values_bit_for_bit() -> None:
+    # a sink counts p-value buckets by rank: the lookup must be the p-value, not a rounding
+    for n in (1, 19, 999, 1000, 12_345):
+        cal = torch.sort(torch.randn(n, dtype=torch.float64)).values
+        scores = torch.cat([cal, cal + 1e-9, torch.tensor([-1e300, 1e300, float("nan")])])
+        p, rank = ranked_p_values(scores, cal)
+        torch.testing.assert_close(p, p_values(scores, cal), rtol=0, atol=0, equal_nan=True)
+        valid = ~torch.isnan(p)
+        assert int(rank[~valid].item()) == n  # a NaN score ranks above every one
+        assert rank.dtype == torch.int64 and int(rank.min()) == 0
+        lookup = p_value_of_rank(n)[rank[valid].numpy()]
+        assert np.array_equal(lookup, p[valid].numpy())  # exactly, not approximately
+        assert np.array_equal(rank[valid].numpy(), (cal[None, :] < scores[valid, None]).sum(1))
 
 
 def test_benjamini_hochberg_matches_scipy() -> None:

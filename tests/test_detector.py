@@ -11,7 +11,8 @@ import torch
 from conftest import id_logits
 
 from oodmon import OCS, Detector, FormatVersionError, NotFittedError
-from oodmon.conformal import min_calibration_size
+from oodmon.conformal import min_calibration_size, p_value_of_rank
+from oodmon.verdict import HostVerdict
 
 K = 10
 
@@ -93,6 +94,23 @@ def test_invalid_rows_are_never_in_distribution(fitted: Detector) -> None:
     assert verdict.invalid.tolist() == [False, False, True, False]
     assert not verdict.flag[2]
     assert torch.isnan(verdict.p_value[2]) and torch.isnan(verdict.distance[2])
+    assert verdict.calibration_rank is not None and int(verdict.calibration_rank[2]) == -1
+
+
+def test_the_calibration_rank_travels_with_the_verdict(fitted: Detector) -> None:
+    z = _id_logits(50, torch.Generator().manual_seed(5))
+    z[7, 1] = float("nan")
+    host = fitted.predict(z).to_host()
+    assert host.calibration_rank is not None and host.calibration_rank.dtype == np.int64
+    valid = ~host.invalid
+    n = fitted.n_calibration_
+    assert np.array_equal(p_value_of_rank(n)[host.calibration_rank[valid]], host.p_value[valid])
+    assert host.calibration_rank[7] == -1
+    picked = host.take(np.array([7, 3]))
+    assert picked.calibration_rank is not None
+    assert picked.calibration_rank.tolist() == [-1, host.calibration_rank[3]]
+    nothing = HostVerdict.all_invalid(2)
+    assert nothing.calibration_rank is not None and nothing.calibration_rank.tolist() == [-1, -1]
 
 
 def test_calibration_drops_invalid_rows(ocs: OCS) -> None:

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from oodmon import OCS, Detector
 from oodmon._batch_histogram import BatchHistogram
-from oodmon.conformal import p_values, score_cutoffs
+from oodmon.conformal import p_value_of_rank, p_values, score_cutoffs
 from oodmon.metrics import (
     DEFAULT_DISTANCE_BUCKETS,
     DEFAULT_P_VALUE_BUCKETS,
@@ -701,7 +701,8 @@ def test_one_sort_histograms_equal_per_sample_observation(score: str, n_calibrat
     """With an OCS score the sink counts p-values from the sorted distances
     (conformal.score_cutoffs); every bucket must equal a per-sample Histogram's, including
     p-values that fall exactly on bucket bounds (n + 1 = 20, 200, 1001) and scores tied with
-    calibration scores. The energy score takes the two-sort path: the same result."""
+    calibration scores. The energy score counts p-values from the verdicts' calibration
+    ranks instead: the same result."""
     gen = torch.Generator().manual_seed(n_calibration)
     ocs = OCS.cross_entropy(counts=[40, 30, 20, 10])
     cal_logits = torch.randn(n_calibration, 4, generator=gen) * 3
@@ -709,7 +710,9 @@ def test_one_sort_histograms_equal_per_sample_observation(score: str, n_calibrat
     registry = CollectorRegistry()
     sink = PrometheusMetrics(registry)
     monitor = Monitor(detector, "m", "1", metrics=sink)
-    assert (sink._series[("m", "1")].p_cutoffs is not None) == (score == "ocs_kl")
+    series = sink._series[("m", "1")]
+    assert (series.p_cutoffs is not None) == (score == "ocs_kl")
+    assert (series.p_bucket_of_rank is not None) == (score == "energy")
 
     batches = [
         cal_logits[: n_calibration // 2],  # ties with calibration scores
@@ -743,6 +746,18 @@ def test_one_sort_histograms_equal_per_sample_observation(score: str, n_calibrat
     assert_same_histogram(got_p, want_p)
 
 
+def test_a_rank_outside_the_described_calibration_is_refused_not_miscounted() -> None:
+    # a detector swapped without describe(): the Monitor counts a metrics error instead
+    sink = PrometheusMetrics(CollectorRegistry())
+    sink.describe(summary(score="energy", calibration_size=19))
+    obs = observation(np.array([0.5, 0.7]), p_value_of_rank(19)[[9, 19]])
+    good = HostVerdict(**{**vars(obs.verdict), "calibration_rank": np.array([9, 19])})
+    sink.record(Observation("clf", "v1", good))
+    bad = HostVerdict(**{**vars(obs.verdict), "calibration_rank": np.array([9, 40])})
+    with pytest.raises(IndexError):
+        sink.record(Observation("clf", "v1", bad))
+
+
 def test_score_cutoffs_agree_with_p_values() -> None:
     cal = torch.sort(torch.randn(49, dtype=torch.float64)).values
     cal[10:13] = cal[10]  # ties inside the calibration set
@@ -761,9 +776,10 @@ def _record_corner_cases(score: str, registry: CollectorRegistry) -> str:
 
     Calibration has 19 scores, so p-values are multiples of 1/20 and land exactly on bounds.
     Batches: ties with calibration scores, plain traffic, outputs at the OCS, NaN and inf
-    rows, an empty batch, an all-invalid batch; for a non-OCS score (whose p-value and
-    distance histograms are filled apart) also valid rows with inf/NaN values and p-values
-    that are no conformal p-values.
+    rows, an empty batch, an all-invalid batch; for a non-OCS score (whose p-values are
+    counted from the verdicts' calibration ranks, or sorted when a verdict has none) also a
+    verdict without ranks: valid rows with inf/NaN values and p-values that are no conformal
+    p-values.
     """
     gen = torch.Generator().manual_seed(7)
     ocs = OCS.cross_entropy(counts=[40, 30, 20, 10])
@@ -812,7 +828,8 @@ def _record_corner_cases(score: str, registry: CollectorRegistry) -> str:
         )
         sink.record(Observation("m", "1", verdict, {"nonfinite": 1}))
         reference(distance, p_value, invalid)
-    path = "one sort" if series.p_cutoffs is not None else "two sorts"
+    # the Monitor's verdicts carry calibration ranks; the hand-made one above does not
+    path = "one sort" if series.p_cutoffs is not None else "ranks, then two sorts"
     return f"{path} {series.distance.mode} {series.p_value.mode}"
 
 
@@ -827,7 +844,7 @@ def _assert_sink_matches_reference(registry: Any) -> None:
 def test_sink_histograms_equal_per_sample_observe_single_process(score: str) -> None:
     registry = CollectorRegistry()
     how = _record_corner_cases(score, registry)
-    assert how == ("one sort" if score == "ocs_kl" else "two sorts") + " memory memory"
+    assert how == ("one sort" if score == "ocs_kl" else "ranks, then two sorts") + " memory memory"
     _assert_sink_matches_reference(registry)
 
 
@@ -854,7 +871,7 @@ def test_sink_histograms_equal_per_sample_observe_multiprocess(score: str, tmp_p
         check=False,
     )
     assert done.returncode == 0, done.stderr
-    path = "one sort" if score == "ocs_kl" else "two sorts"
+    path = "one sort" if score == "ocs_kl" else "ranks, then two sorts"
     assert done.stdout.strip().splitlines()[-1] == f"{path} values values"
     merged = CollectorRegistry()
     MultiProcessCollector(merged, path=str(tmp_path))

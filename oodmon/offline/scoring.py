@@ -109,6 +109,7 @@ def score_batch(detector: Detector, rows: RowBatch, p_cutoff: float | None = Non
         flag=flag & ~invalid,
         invalid=invalid,
         predicted=verdict.predicted,
+        calibration_rank=verdict.calibration_rank,
     )
     return ScoredBatch(verdict, reasons, rows.keep)
 
