@@ -229,7 +229,7 @@ class Detector:
             dist = -score if negated else batch_distance(x, self.ocs, self.kind)
         p, rank = conformal.ranked_p_values(score, self._calibration_on(score.device))
         invalid = torch.isnan(score)
-        flag = (p <= self.alpha) & ~invalid
+        flag = p <= self.alpha  # an invalid row's p-value is NaN, and NaN <= alpha is False
         return Verdict(
             score=score,
             distance=dist,

@@ -90,8 +90,13 @@ class OCS:
         """``log(target)`` for probability-valued OCS (cross-entropy)."""
         return torch.log(self.target)
 
+    @property
+    def _neg_entropy(self) -> Tensor:
+        """``sum_k target_k log target_k`` (0-dim): the constant term of ``KL(target || p)``."""
+        return torch.dot(self.target, self.log_target)
+
     def constant_on(self, name: str, device: torch.device, dtype: torch.dtype) -> Tensor:
-        """``target``, ``log_target`` or ``variance`` on a device and dtype, cached.
+        """A constant (``target``, ``log_target``, ``_neg_entropy``, ``variance``), cached.
 
         Scoring runs per batch; moving (and taking the log of) the same small vector every
         time would cost a few kernel launches per batch for nothing.
