@@ -30,7 +30,7 @@ ProcessBatch = Callable[[Tensor, Any, "Sequence[str] | None"], object]
 RecordError = Callable[[str, Exception], None]
 
 
-@dataclass
+@dataclass(slots=True)
 class _Pending:
     """A submitted batch waiting for the background thread."""
 
@@ -83,7 +83,8 @@ class Batcher:
         """Empty backlog, new lock, no thread (at start, and in a forked child)."""
         # batches carry increasing sequence numbers, and flush() waits until the batch that
         # was last when it was called is done
-        self._wakeup = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()  # the calling thread takes it bare: a C-level `with`
+        self._wakeup = threading.Condition(self._lock)
         self._pending: deque[_Pending] = deque()
         self._pending_rows = 0
         self._pending_bytes = 0
@@ -113,29 +114,30 @@ class Batcher:
         copy_inputs: bool,
         rows: int | None = None,
     ) -> str | None:
-        """Reserve room, copy, and queue a batch; returns why it was refused, or None.
+        """Copy and queue a batch; returns why it was refused, or None.
 
-        Room is reserved before anything is copied, so a refused batch costs no copy.
-        The reason is ``"closed"`` or ``"backlog"``. ``rows`` is the caller's
-        ``row_count(outputs)`` if it has it already.
+        The room is checked before anything is copied, so a batch the backlog cannot take
+        costs no copy; the check under the lock, after copying, is the one that counts
+        (another thread may have taken the room meanwhile). One round trip of the bare lock
+        per batch: with a model of a millisecond, each step of the calling thread shows in its
+        latency (``benchmarks/overhead.py``). The reason is ``"closed"`` or ``"backlog"``.
+        ``rows`` is the caller's ``row_count(outputs)`` if it has it already.
         """
         rows = row_count(outputs) if rows is None else rows
         size = nbytes(outputs) + nbytes(inputs)
-        with self._wakeup:
-            reason = self._refusal(rows, size)
-            if reason is not None:
-                return reason
-            # reserve the room; the copies happen outside the lock
-            self._pending_rows += rows
-            self._pending_bytes += size
+        reason = self._refusal(rows, size)  # read without the lock: a hint, no reservation
+        if reason is not None:
+            return reason
         x = outputs.clone()
         if copy_inputs and isinstance(inputs, (Tensor, np.ndarray)):
             inputs = inputs.clone() if isinstance(inputs, Tensor) else inputs.copy()
         item = _Pending(x, inputs, ids, 0, rows, size, _copies_done_event(x))
-        with self._wakeup:
-            if self.closed:  # closed while copying: nobody will process it now
-                self._release(item)
-                return "closed"
+        with self._lock:
+            reason = self._refusal(rows, size)
+            if reason is not None:
+                return reason
+            self._pending_rows += rows
+            self._pending_bytes += size
             self._submitted += 1
             item.seq = self._submitted
             self._pending.append(item)
@@ -224,7 +226,7 @@ class Batcher:
                 self._wakeup.wait(remaining)
             batch = list(self._pending)
             self._pending.clear()
-            for item in batch:  # batches still being copied keep their reservation
+            for item in batch:
                 self._release(item)
             return batch
 

@@ -27,6 +27,7 @@ __all__ = [
     "as_outputs",
     "kind_mismatch_warning",
     "mismatched_extras",
+    "plain_rows",
     "safe_row_count",
     "unscorable",
     "unscorable_warning",
@@ -41,7 +42,7 @@ KIND_MISMATCH = "OutputKindMismatch"
 def as_outputs(outputs: Any) -> Tensor:
     """Outputs as a ``[N, K]`` tensor (a 1-D output is one row); no copy when possible."""
     if isinstance(outputs, Tensor):
-        x = outputs.detach()
+        x = outputs.detach() if outputs.requires_grad else outputs  # detach() costs a call
     elif isinstance(outputs, np.ndarray):
         x = torch.from_numpy(np.ascontiguousarray(outputs))
     else:
@@ -89,6 +90,32 @@ def unscorable(outputs: Any) -> tuple[str | None, str]:
     except Exception:  # anything else is reported by the usual error path
         pass
     return None, ""
+
+
+def plain_rows(outputs: Any, inputs: Any, ids: Sequence[str] | None) -> int | None:
+    """The row count of the common batch, else None.
+
+    The common batch needs no conversion and no check beyond these attribute reads: a 2-D
+    dense tensor of a plain dtype that autograd does not track, no ids, and no inputs or a
+    tensor of as many rows. :meth:`Monitor.submit <oodmon.monitor.Monitor.submit>` takes it
+    without the general path's calls, which cost a model of a millisecond about 1% each.
+    """
+    if (
+        ids is None
+        and isinstance(outputs, Tensor)
+        and outputs.ndim == 2
+        and outputs.dtype in _PLAIN_DTYPES
+        and outputs.layout is torch.strided
+        and not outputs.requires_grad
+        and not outputs.is_nested
+        and not outputs.is_meta
+    ):
+        rows = int(outputs.shape[0])
+        if inputs is None or (
+            isinstance(inputs, Tensor) and inputs.ndim >= 1 and inputs.shape[0] == rows
+        ):
+            return rows
+    return None
 
 
 def unscorable_warning(name: str, reason: str, detail: str) -> str:

@@ -37,6 +37,7 @@ from oodmon._output_checks import (
     as_outputs,
     kind_mismatch_warning,
     mismatched_extras,
+    plain_rows,
     safe_row_count,
     unscorable,
     unscorable_warning,
@@ -289,11 +290,15 @@ class Monitor:
         skipped (and counted in ``stats().skipped``) without costing a copy.
         """
         try:
-            x = self._scorable_outputs(outputs)
-            if x is None:
-                return
-            rows = row_count(x)
-            inputs, ids = self._matched_extras(rows, inputs, ids)
+            rows = plain_rows(outputs, inputs, ids)
+            if rows is not None:  # the common batch: nothing to convert or drop
+                x = outputs
+            else:
+                x = self._scorable_outputs(outputs)
+                if x is None:
+                    return
+                rows = row_count(x)
+                inputs, ids = self._matched_extras(rows, inputs, ids)
             reason = self._batcher.submit(x, inputs, ids, copy_inputs=copy_inputs, rows=rows)
             if reason is not None:
                 self._count_skipped(rows, reason)

@@ -97,7 +97,7 @@ class MonitoredModel(nn.Module):
             logits = select_output(result, self._output)
             inputs = None
             if self.monitor.queue is not None and args and isinstance(args[0], Tensor):
-                inputs = args[0].detach()
+                inputs = args[0].detach() if args[0].requires_grad else args[0]
             if self._background:
                 self.monitor.submit(logits, inputs, copy_inputs=self._copy_inputs)
             else:

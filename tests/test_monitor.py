@@ -138,6 +138,12 @@ def test_mismatched_ids_or_inputs_are_dropped_and_counted(detector: Detector) ->
     assert stats.seen == 18 and stats.errors == {"ValueError": 3}
     ids = [i for obs in queue.observations for i in (obs.ids or [])]
     assert "bad" not in ids and {f"g5-{j}" for j in range(2)} <= set(ids)
+    # inputs of another row count leave submit's common path and are dropped the same way
+    monitor.submit(near_ocs(detector, 2), inputs=torch.zeros(3, 4))
+    monitor.submit(near_ocs(detector, 2), inputs=torch.zeros(2, 4))
+    monitor.flush()
+    stats = monitor.stats()
+    assert stats.seen == 22 and stats.errors == {"ValueError": 4}
 
 
 def test_submit_scores_in_background_with_exact_totals(detector: Detector) -> None:
