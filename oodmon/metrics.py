@@ -48,7 +48,7 @@ from oodmon._batch_histogram import BatchHistogram, multiprocess_enabled
 from oodmon.conformal import p_value_of_rank, score_cutoffs
 from oodmon.scores import SCORES
 from oodmon.sinks import QUEUE_LOSS_REASONS, DetectorSummary
-from oodmon.verdict import INVALID_REASONS, Observation
+from oodmon.verdict import INVALID_REASONS, HostVerdict, Observation
 
 logger = logging.getLogger("oodmon")
 
@@ -212,8 +212,9 @@ class _Series:
     # the p-value buckets are counted from the same sort as the distance buckets.
     p_cutoffs: np.ndarray | None = None
     p_always: np.ndarray | None = None
-    # Any other score: the p-value bucket of each calibration rank 0..n, so the p-value
-    # buckets are counted from the verdict's integer ranks (a bincount, no sort).
+    # Any other score: the p-value and the p-value bucket of each calibration rank 0..n, so
+    # the p-value buckets are counted from the verdict's integer ranks (a bincount, no sort).
+    p_of_rank: np.ndarray | None = None
     p_bucket_of_rank: np.ndarray | None = None
 
 
@@ -352,8 +353,10 @@ class PrometheusMetrics:
         elif summary.calibration_size > 0 and series.p_value.batched:
             # p <= bound_i  <=>  p lands in bucket i or below; the p-values are those of
             # conformal.ranked_p_values bit for bit, so the lookup is exact
-            p_of_rank = p_value_of_rank(summary.calibration_size)
-            series.p_bucket_of_rank = np.searchsorted(series.p_value.bounds, p_of_rank, side="left")
+            series.p_of_rank = p_value_of_rank(summary.calibration_size)
+            series.p_bucket_of_rank = np.searchsorted(
+                series.p_value.bounds, series.p_of_rank, side="left"
+            )
         with self._lock:
             self._series[key] = series
             previous = self._info_labels.get(key)
@@ -382,15 +385,12 @@ class PrometheusMetrics:
                 self._invalid_child(series, observation, reason).inc(count)
         invalid = np.asarray(verdict.invalid, dtype=bool)
         any_invalid = bool(invalid.any())
-        rank = verdict.calibration_rank
         if series.p_cutoffs is not None:
             _observe_with_one_sort(series, verdict.distance, verdict.p_value, invalid, any_invalid)
-        elif series.p_bucket_of_rank is not None and rank is not None:
-            _observe_valid(series.distance, verdict.distance, invalid, any_invalid)
-            _observe_ranks(series, rank, verdict.p_value, invalid, any_invalid)
         else:
             _observe_valid(series.distance, verdict.distance, invalid, any_invalid)
-            _observe_valid(series.p_value, verdict.p_value, invalid, any_invalid)
+            if not _observe_ranks(series, verdict, invalid, any_invalid):
+                _observe_valid(series.p_value, verdict.p_value, invalid, any_invalid)
         series.scoring.observe(observation.scoring_seconds)
 
     def record_error(self, model: str, version: str, kind: str) -> None:
@@ -486,25 +486,30 @@ def _observe_with_one_sort(
 
 
 def _observe_ranks(
-    series: _Series,
-    rank: np.ndarray,
-    p_value: np.ndarray,
-    invalid: np.ndarray,
-    any_invalid: bool,
-) -> None:
-    """Fill the p-value histogram from the valid rows' calibration ranks (any score).
+    series: _Series, verdict: HostVerdict, invalid: np.ndarray, any_invalid: bool
+) -> bool:
+    """Fill the p-value histogram from the valid rows' calibration ranks; False if it cannot.
 
-    A rank outside the described calibration (a detector swapped without a new
-    :meth:`PrometheusMetrics.describe`) raises, and the Monitor counts a metrics error.
+    It cannot without ranks, or when they do not come from the described calibration (a
+    verdict built by hand, or a detector swapped without a new
+    :meth:`PrometheusMetrics.describe`): the largest rank must give its row's p-value, which
+    a rank above 0 does for one calibration size only (and ranks of 0 all mean p = 1). The
+    caller then sorts the p-values instead.
     """
-    assert series.p_bucket_of_rank is not None
+    table, buckets = series.p_of_rank, series.p_bucket_of_rank
+    rank, p_value = verdict.calibration_rank, verdict.p_value
+    if table is None or buckets is None or rank is None:
+        return False
     if any_invalid:
         rank, p_value = rank[~invalid], p_value[~invalid]
     if rank.size == 0:
-        return
-    buckets = series.p_bucket_of_rank.take(rank)  # raises IndexError for an unknown rank
-    counts = np.bincount(buckets, minlength=series.p_value.bounds.size)
+        return True
+    top = int(rank.argmax())
+    if not (0 <= rank[top] < table.size and table[rank[top]] == p_value[top]):
+        return False
+    counts = np.bincount(buckets.take(rank), minlength=series.p_value.bounds.size)
     series.p_value.observe_cumulative(np.cumsum(counts), float(p_value.sum()))
+    return True
 
 
 def _observe_valid(

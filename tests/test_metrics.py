@@ -746,16 +746,29 @@ def test_one_sort_histograms_equal_per_sample_observation(score: str, n_calibrat
     assert_same_histogram(got_p, want_p)
 
 
-def test_a_rank_outside_the_described_calibration_is_refused_not_miscounted() -> None:
-    # a detector swapped without describe(): the Monitor counts a metrics error instead
-    sink = PrometheusMetrics(CollectorRegistry())
+def test_ranks_of_another_calibration_fall_back_to_sorting_the_p_values() -> None:
+    # a detector swapped without describe(), or a verdict built by hand: never miscounted
+    registry = CollectorRegistry()
+    sink = PrometheusMetrics(registry)
     sink.describe(summary(score="energy", calibration_size=19))
-    obs = observation(np.array([0.5, 0.7]), p_value_of_rank(19)[[9, 19]])
-    good = HostVerdict(**{**vars(obs.verdict), "calibration_rank": np.array([9, 19])})
-    sink.record(Observation("clf", "v1", good))
-    bad = HostVerdict(**{**vars(obs.verdict), "calibration_rank": np.array([9, 40])})
-    with pytest.raises(IndexError):
-        sink.record(Observation("clf", "v1", bad))
+    reference = Histogram("ref_p", "p", buckets=DEFAULT_P_VALUE_BUCKETS, registry=registry)
+    cases = [
+        (p_value_of_rank(19)[[9, 19, 0]], [9, 19, 0]),  # this calibration: counted by rank
+        (p_value_of_rank(99)[[9, 90]], [9, 90]),  # ranks of 99 scores: beyond the table
+        (p_value_of_rank(24)[[3, 17]], [3, 17]),  # ranks of 24 scores: inside, wrong p
+        (np.array([0.5, 0.05]), None),  # no ranks at all
+    ]
+    for p_value, rank in cases:
+        obs = observation(np.array([0.5] * len(p_value)), p_value)
+        rank_array = None if rank is None else np.array(rank)
+        verdict = HostVerdict(**{**vars(obs.verdict), "calibration_rank": rank_array})
+        sink.record(Observation("clf", "v1", verdict))
+        for p in p_value.tolist():
+            reference.observe(p)
+    got = histogram_samples(registry, "oodmon_p_value")
+    want = {(k[0], k[1]): v for k, v in histogram_samples(registry, "ref_p").items()}
+    assert_same_histogram(got, want)
+    assert want[("_count", ())] == 9
 
 
 def test_score_cutoffs_agree_with_p_values() -> None:
