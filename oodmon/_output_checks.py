@@ -57,16 +57,18 @@ _PLAIN_DTYPES = frozenset(
 )  # fmt: skip
 
 
+def _dense_plain(x: Tensor) -> bool:
+    """A dense tensor of a dtype a score can read: the common case, in four attribute reads."""
+    return (
+        x.dtype in _PLAIN_DTYPES and x.layout is torch.strided and not x.is_nested and not x.is_meta
+    )
+
+
 def unscorable(outputs: Any) -> tuple[str | None, str]:
     """``(invalid reason, what the outputs are)`` for outputs no score can read, else None."""
     try:
         if isinstance(outputs, Tensor):
-            if (  # the common case first, in the cheapest attribute reads
-                outputs.dtype in _PLAIN_DTYPES
-                and outputs.layout is torch.strided
-                and not outputs.is_nested
-                and not outputs.is_meta
-            ):
+            if _dense_plain(outputs):
                 return None, ""
             if outputs.is_nested:
                 return "wrong_layout", "as a nested tensor"
@@ -105,11 +107,8 @@ def plain_rows(outputs: Any, inputs: Any, ids: Sequence[str] | None) -> int | No
         ids is None
         and isinstance(outputs, Tensor)
         and outputs.ndim == 2
-        and outputs.dtype in _PLAIN_DTYPES
-        and outputs.layout is torch.strided
         and not outputs.requires_grad
-        and not outputs.is_nested
-        and not outputs.is_meta
+        and _dense_plain(outputs)
     ):
         rows = int(outputs.shape[0])
         if inputs is None or (

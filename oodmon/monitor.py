@@ -285,9 +285,9 @@ class Monitor:
 
         The outputs, and tensor or array inputs unless ``copy_inputs=False``, are copied (on
         their device, asynchronously) so that a caller reusing its buffers cannot alter what
-        is scored or queued. Room is reserved before anything is copied: batches beyond
-        ``max_pending`` rows or ``max_pending_bytes``, or submitted after :meth:`close`, are
-        skipped (and counted in ``stats().skipped``) without costing a copy.
+        is scored or queued. Batches beyond ``max_pending`` rows or ``max_pending_bytes``, or
+        submitted after :meth:`close`, are skipped (and counted in ``stats().skipped``); the
+        room is checked before anything is copied, so such a batch costs no copy.
         """
         try:
             rows = plain_rows(outputs, inputs, ids)

@@ -24,7 +24,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -192,7 +192,8 @@ def score_with_ray(
                 parts.write(empty_batch(keep).to_arrow(None))
             parts.close()
         except BaseException:
-            parts.close()
+            with suppress(Exception):  # closing after a failure must not hide the failure
+                parts.close(flush=False)
             if staging != target:
                 shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -343,10 +344,10 @@ class PartWriter:
             self._part_rows += take
             start += take
 
-    def close(self) -> None:
-        """Finish the open part file."""
+    def close(self, flush: bool = True) -> None:
+        """Finish the open part file (``flush=False``: drop what it gathered, after a failure)."""
         if self._part is not None:
-            self._part.close()
+            self._part.close(flush=flush)
 
     def _next_part(self) -> None:
         schema = None if self._part is None else self._part.schema  # every part: the first's

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from contextlib import suppress
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
@@ -133,16 +134,13 @@ class VerdictWriter:
 
     def abort(self) -> None:
         """Drop the partial file; the destination is left as it was."""
-        try:  # closing a broken writer must not hide the original error
-            if self._parquet is not None:
+        # closing a broken writer must not hide the original error
+        if self._parquet is not None:
+            with suppress(Exception):
                 self._parquet.close(flush=False)
-        except Exception:
-            pass
-        try:
-            if self._file is not None:
+        if self._file is not None:
+            with suppress(Exception):
                 self._file.close()
-        except Exception:
-            pass
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
 
