@@ -27,7 +27,7 @@ __all__ = [
     "as_outputs",
     "kind_mismatch_warning",
     "mismatched_extras",
-    "plain_rows",
+    "plain_batch",
     "safe_row_count",
     "unscorable",
     "unscorable_warning",
@@ -94,27 +94,33 @@ def unscorable(outputs: Any) -> tuple[str | None, str]:
     return None, ""
 
 
-def plain_rows(outputs: Any, inputs: Any, ids: Sequence[str] | None) -> int | None:
-    """The row count of the common batch, else None.
+def plain_batch(outputs: Any, inputs: Any, ids: Sequence[str] | None) -> tuple[int, int] | None:
+    """``(rows, bytes to copy)`` of the common batch, else None.
 
     The common batch needs no conversion and no check beyond these attribute reads: a 2-D
     dense tensor of a plain dtype that autograd does not track, no ids, and no inputs or a
     tensor of as many rows. :meth:`Monitor.submit <oodmon.monitor.Monitor.submit>` takes it
-    without the general path's conversions and checks: about 15 us less on the calling
-    thread, 1% of a model of 1.5 ms (``benchmarks/overhead.py``).
+    without the general path's conversions and checks. On a calling thread whose caches the
+    model's forward has just flushed, each attribute read costs 1-5 us, so each one is read
+    once (``benchmarks/overhead.py``).
     """
     if (
-        ids is None
-        and isinstance(outputs, Tensor)
-        and outputs.ndim == 2
-        and not outputs.requires_grad
-        and _dense_plain(outputs)
+        ids is not None
+        or not isinstance(outputs, Tensor)
+        or outputs.requires_grad
+        or not _dense_plain(outputs)
     ):
-        rows = int(outputs.shape[0])
-        if inputs is None or (
-            isinstance(inputs, Tensor) and inputs.ndim >= 1 and inputs.shape[0] == rows
-        ):
-            return rows
+        return None
+    shape = outputs.shape
+    if len(shape) != 2:
+        return None
+    rows = shape[0]
+    if inputs is None:
+        return rows, outputs.nbytes
+    if isinstance(inputs, Tensor):
+        input_shape = inputs.shape
+        if input_shape and input_shape[0] == rows:
+            return rows, outputs.nbytes + inputs.nbytes
     return None
 
 

@@ -37,7 +37,7 @@ from oodmon._output_checks import (
     as_outputs,
     kind_mismatch_warning,
     mismatched_extras,
-    plain_rows,
+    plain_batch,
     safe_row_count,
     unscorable,
     unscorable_warning,
@@ -290,16 +290,20 @@ class Monitor:
         room is checked before anything is copied, so such a batch costs no copy.
         """
         try:
-            rows = plain_rows(outputs, inputs, ids)
-            if rows is not None:  # the common batch: nothing to convert or drop
+            plain = plain_batch(outputs, inputs, ids)
+            if plain is not None:  # the common batch: nothing to convert or drop
                 x = outputs
+                rows, size = plain
             else:
                 x = self._scorable_outputs(outputs)
                 if x is None:
                     return
                 rows = row_count(x)
                 inputs, ids = self._matched_extras(rows, inputs, ids)
-            reason = self._batcher.submit(x, inputs, ids, copy_inputs=copy_inputs, rows=rows)
+                size = None
+            reason = self._batcher.submit(
+                x, inputs, ids, copy_inputs=copy_inputs, rows=rows, size=size
+            )
             if reason is not None:
                 self._count_skipped(rows, reason)
         except Exception as err:

@@ -31,6 +31,9 @@ __all__ = ["MonitoredModel", "OutputSelector", "select_output", "wrap"]
 
 OutputSelector = int | str | Callable[[Any], Tensor] | None
 
+# Bound once: looking it up through `torch.compiler` costs a cold calling thread a few us per call.
+_is_compiling = torch.compiler.is_compiling
+
 _SHARED_TABLES = (
     "_parameters",
     "_buffers",
@@ -83,7 +86,7 @@ class MonitoredModel(nn.Module):
                 "(or wrap with monitor_training=True).",
             )
             return result
-        if torch.compiler.is_compiling():
+        if _is_compiling():
             # Under torch.compile, report from outside the graph. Decided here, at call time:
             # a `@torch.compiler.disable` decorator would import torch._dynamo (seconds) with
             # oodmon, for every user, compiling or not.
@@ -94,7 +97,10 @@ class MonitoredModel(nn.Module):
 
     def _report(self, result: Any, args: tuple[Any, ...]) -> None:
         try:
-            logits = select_output(result, self._output)
+            if self._output is None and isinstance(result, Tensor):
+                logits = result  # the common case, without select_output's frame
+            else:
+                logits = select_output(result, self._output)
             inputs = None
             if self.monitor.queue is not None and args and isinstance(args[0], Tensor):
                 inputs = args[0].detach() if args[0].requires_grad else args[0]

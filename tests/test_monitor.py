@@ -170,6 +170,27 @@ def test_submit_scores_in_background_with_exact_totals(detector: Detector) -> No
     assert after.skipped == 3 and after.errors == {} and after.seen == rows
 
 
+def test_a_worker_that_ended_is_replaced_by_the_next_submit(detector: Detector) -> None:
+    # submit checks a flag the worker clears on its way out, not Thread.is_alive()
+    monitor = Monitor(detector, "m", "1", InMemoryMetrics(), linger=0.0)
+    monitor.submit(id_logits(2, seed=1))
+    assert monitor.flush(timeout=30)
+    batcher = monitor._batcher
+    first = batcher.worker
+    assert first is not None
+
+    with batcher._wakeup:  # let the loop end as it does when closed, then reopen
+        batcher.closed = True
+        batcher._wakeup.notify_all()
+    first.join(timeout=10)
+    assert not first.is_alive() and not batcher._worker_running
+    batcher.closed = False
+    monitor.submit(id_logits(3, seed=2))
+    assert monitor.flush(timeout=30)
+    assert batcher.worker is not first and monitor.stats().seen == 5
+    monitor.close()
+
+
 def test_backlog_limit_skips_and_counts(detector: Detector) -> None:
     metrics = InMemoryMetrics()
     monitor = Monitor(detector, "m", "1", metrics, max_pending=10, linger=0.5)
