@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from oodmon._fused import fused, use_compiled
+from oodmon._native import native
 from oodmon._scratch import scratch
 from oodmon.errors import OutputShapeError
 from oodmon.ocs import LOSSES, OCS
@@ -210,7 +211,8 @@ def _zero_log0(log_p: Tensor, kind: str) -> Tensor:
 #: Below this many elements a batch is cheaper through log_softmax (fewer kernel launches,
 #: which dominate small batches) than through the single exponentiation pass; above it, the
 #: passes over memory dominate. Measured crossover on CPU: 256 x 10 is 20% faster the first
-#: way, 1024 x 1000 30% faster the second.
+#: way, 1024 x 1000 30% faster the second. Below it, float32 logits on the CPU go to the
+#: native kernels when they are built (``_native.py``): one call instead of two to five.
 _SINGLE_PASS_MIN_ELEMENTS = 32_768
 
 
@@ -247,6 +249,11 @@ def _softmax(z: Tensor) -> Tensor:
     """``softmax(z)`` over the last dimension, into this thread's scratch buffer if it can."""
     out = scratch(z, "softmax")
     return torch.softmax(z, dim=-1) if out is None else torch.softmax(z, -1, out=out)
+
+
+def _small(kernel: str, x: Tensor, *constants: Any) -> Tensor | None:
+    """The native kernel's score for a small batch of logits (``_native.py``), else None."""
+    return native(kernel, x, *constants) if x.numel() < _SINGLE_PASS_MIN_ELEMENTS else None
 
 
 def _invalidate(score: Tensor, x: Tensor, kind: str = "logits", sign: float = 1.0) -> Tensor:
@@ -293,6 +300,8 @@ def msp(outputs: Tensor, kind: InputKind = "logits") -> Tensor:
 
 def _msp(x: Tensor, kind: str) -> Tensor:
     if kind == "logits":
+        if (score := _small("msp", x)) is not None:
+            return score
         top = _softmax(x).amax(dim=-1)  # one fused pass, like log_softmax
     elif kind == "probs":
         top = x.amax(dim=-1)
@@ -311,6 +320,8 @@ def max_logit(outputs: Tensor) -> Tensor:
 
 
 def _max_logit(x: Tensor) -> Tensor:
+    if (score := _small("max_logit", x)) is not None:
+        return score
     return _invalidate(x.amax(dim=-1), x, sign=-1.0)
 
 
@@ -326,6 +337,8 @@ def energy(outputs: Tensor, temperature: float = 1.0) -> Tensor:
 
 
 def _energy(x: Tensor, temperature: float) -> Tensor:
+    if (score := _small("neg_log_sum_exp", x, temperature)) is not None:
+        return score
     scaled = x if temperature == 1.0 else x / temperature
     if x.numel() >= _SINGLE_PASS_MIN_ELEMENTS:
         energy = fused("neg_log_sum_exp", scaled)
@@ -345,6 +358,8 @@ def entropy(outputs: Tensor, kind: InputKind = "logits") -> Tensor:
 
 
 def _entropy(x: Tensor, kind: str) -> Tensor:
+    if kind == "logits" and (score := _small("entropy", x)) is not None:
+        return score
     if kind == "logits" and x.numel() >= _SINGLE_PASS_MIN_ELEMENTS:
         h = fused("entropy", x)
         if h is not None:
@@ -383,6 +398,8 @@ def kl_to_ocs(outputs: Tensor, ocs: OCS, kind: InputKind = "logits") -> Tensor:
 
 
 def _kl_to_ocs(x: Tensor, ocs: OCS, kind: str) -> Tensor:
+    if kind == "logits" and (score := _small("kl", x, ocs.host_constant("log_target"))) is not None:
+        return score
     log_pi = ocs.constant_on("log_target", x.device, x.dtype)
     if kind == "logits" and x.numel() >= _SINGLE_PASS_MIN_ELEMENTS:
         kl = fused("kl", x, log_pi)
@@ -414,6 +431,10 @@ def reverse_kl_to_ocs(outputs: Tensor, ocs: OCS, kind: InputKind = "logits") -> 
 
 
 def _reverse_kl_to_ocs(x: Tensor, ocs: OCS, kind: str) -> Tensor:
+    if kind == "logits":
+        constants = ocs.host_constant("target"), ocs.host_constant("_neg_entropy")
+        if (score := _small("reverse_kl", x, *constants)) is not None:
+            return score
     pi = ocs.constant_on("target", x.device, x.dtype)
     neg_entropy_pi = ocs.constant_on("_neg_entropy", x.device, x.dtype)
     if kind == "logits" and x.numel() >= _SINGLE_PASS_MIN_ELEMENTS:

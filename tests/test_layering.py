@@ -29,6 +29,8 @@ LAYER_OF = {
     "oodmon._lazy_exports": "core",
     "oodmon._scratch": "core",
     "oodmon._fused": "core",
+    "oodmon._native": "core",
+    "oodmon._native_scores": "core",
     "oodmon.detector": "decision",
     "oodmon.verdict": "decision",
     "oodmon.monitor": "middleware",
@@ -69,6 +71,10 @@ def module_name(path: Path) -> str:
 
 
 MODULES = {module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+# compiled extensions, known by their type stubs (which import nothing of oodmon's)
+MODULES.update(
+    {module_name(p): p for p in sorted(ROOT.rglob("*.pyi")) if not p.with_suffix(".py").exists()}
+)
 
 
 def layer(module: str) -> str:

@@ -20,7 +20,15 @@ def test_wheel_contains_every_module_and_py_typed(tmp_path: Path) -> None:
         ROOT,
         source,
         ignore=shutil.ignore_patterns(
-            ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", "data"
+            ".git",
+            ".venv",
+            "build",
+            "dist",
+            "*.egg-info",
+            "__pycache__",
+            ".*_cache",
+            "data",
+            "*.so",  # the native kernels must be compiled by this build, not copied
         ),
     )
     dist = tmp_path / "dist"
@@ -38,3 +46,6 @@ def test_wheel_contains_every_module_and_py_typed(tmp_path: Path) -> None:
     expected.add("oodmon/py.typed")
     assert len(expected) > 20  # the source tree was found
     assert not expected - packed, f"missing from the wheel: {sorted(expected - packed)}"
+    # the optional native kernels: built here (CI has a C compiler), with their types
+    assert "oodmon/_native_scores.pyi" in packed
+    assert [n for n in packed if n.startswith("oodmon/_native_scores.") and n.endswith(".so")]
