@@ -1,6 +1,6 @@
 """Score throughput, side by side on the same logits: oodmon vs one log_softmax vs pytorch-ood.
 
-Run:  .venv/bin/python benchmarks/scores.py [--repeats 200] [--compiled]
+Run:  .venv/bin/python benchmarks/scores.py [--repeats 200] [--eager] [--compiled]
 
 For each shape, every function is timed in interleaved rounds (so machine noise hits all of
 them alike) and the table reports the median time per call, its interquartile range, and two
@@ -15,9 +15,12 @@ and ``MALLOC_TRIM_THRESHOLD_`` raised (the first alone is not a pin: fixing the 
 also fixes the trim threshold at 128 KiB, and freed temporaries at the top of the heap are
 then trimmed after every call).
 
-``--compiled`` adds a row per score with oodmon's optional fused kernels on
-(``oodmon.scores.use_compiled``); they serve batches from 32,768 elements, so at B=256, K=10
-those rows time the eager path plus the switch. Compilation happens in the warm-up rounds.
+The plain oodmon rows are what a user gets: the native kernels where the package built them
+(``oodmon/_native.py``; the header line says). ``--eager`` adds a row per score with them off
+(the PyTorch path every other device and dtype takes), and ``--compiled`` one with them off and
+the optional fused kernels on (``oodmon.scores.use_compiled``); those serve batches from
+32,768 elements, so at B=256, K=10 they time the eager path plus the switch. Compilation
+happens in the warm-up rounds.
 """
 
 from __future__ import annotations
@@ -33,7 +36,10 @@ from collections.abc import Callable
 import torch
 
 import oodmon
+from oodmon import _native
 from oodmon import scores as S
+
+native_default = _native.native_active()
 
 SHAPES = [(1024, 1000), (256, 10)]
 
@@ -50,15 +56,19 @@ def candidates(ocs: oodmon.OCS) -> list[tuple[str, Callable[[torch.Tensor], obje
     ]
 
 
-def with_compiled_kernels(fn: Callable[[torch.Tensor], object]) -> Callable[[torch.Tensor], object]:
-    """``fn`` with the fused kernels switched on for the call only."""
+def switched(
+    fn: Callable[[torch.Tensor], object], *, compiled: bool
+) -> Callable[[torch.Tensor], object]:
+    """``fn`` with the native kernels off, and the fused ones on or off, for the call only."""
 
     def call(z: torch.Tensor) -> object:
-        S.use_compiled(True)
+        S.use_compiled(compiled)
+        _native.use_native(False)
         try:
             return fn(z)
         finally:
             S.use_compiled(False)
+            _native.use_native(native_default)
 
     return call
 
@@ -89,6 +99,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--compiled", action="store_true", help="also time the optional fused kernels"
     )
+    parser.add_argument(
+        "--eager", action="store_true", help="also time the eager scores (native kernels off)"
+    )
     args = parser.parse_args(argv)
     if args.allocator != "as-is":
         modes = ("default", "pinned") if args.allocator == "both" else (args.allocator,)
@@ -99,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                            MALLOC_TRIM_THRESHOLD_=str(256 * 2**20))  # fmt: skip
             command = [sys.executable, __file__, "--repeats", str(args.repeats)]
             command += ["--compiled"] if args.compiled else []
+            command += ["--eager"] if args.eager else []
             subprocess.run([*command, "--allocator", "as-is"], env=env, check=True)
         return
     pinned = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
@@ -107,7 +121,11 @@ def main(argv: list[str] | None = None) -> None:
         from pytorch_ood import detector as pood
     except ImportError:
         pood = None
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 logits on CPU")
+    kernels = "on" if native_default else "built, off" if _native.native_available() else "absent"
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32 logits on CPU, "
+        f"native kernels {kernels}"
+    )
     S.use_compiled(False)  # eager rows are eager whatever the environment says
     for batch, classes in SHAPES:
         gen = torch.Generator().manual_seed(0)
@@ -120,11 +138,14 @@ def main(argv: list[str] | None = None) -> None:
         pairs: dict[str, str] = {}
         for name, fn, ref in candidates(ocs):
             fns[f"oodmon {name}"] = lambda fn=fn, z=z: fn(z)
+            variants = [("eager", False)] if args.eager else []
             if args.compiled and name not in ("msp", "max_logit"):  # single-pass already
-                fused = with_compiled_kernels(fn)
-                fns[f"oodmon {name}, compiled"] = lambda fn=fused, z=z: fn(z)
+                variants.append(("compiled", True))
+            for label, compiled in variants:
+                variant = switched(fn, compiled=compiled)
+                fns[f"oodmon {name}, {label}"] = lambda fn=variant, z=z: fn(z)
                 if ref is not None and pood is not None:
-                    pairs[f"oodmon {name}, compiled"] = f"pytorch-ood {ref}"
+                    pairs[f"oodmon {name}, {label}"] = f"pytorch-ood {ref}"
             if ref is not None and pood is not None:
                 fns[f"pytorch-ood {ref}"] = lambda ref=ref, z=z: getattr(pood, ref).score(z)
                 pairs[f"oodmon {name}"] = f"pytorch-ood {ref}"

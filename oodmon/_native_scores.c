@@ -1,11 +1,16 @@
-/* Row kernels for oodmon's logit scores on small CPU batches (oodmon/_native.py says when).
+/* Row kernels for oodmon's logit scores on the CPU (oodmon/_native.py says when).
  *
  * Why: at a few thousand logits every PyTorch call costs about as much as one log_softmax
- * pass, and an eager score makes two to five of them. Here each score is one call and one
- * sweep: per block of eight rows, a pass for the row maximum and the NaN/inf check, then a
- * pass that exponentiates relative to the maximum and accumulates what the score needs.
- * The eight rows sit in the eight lanes of a vector, so that K = 10 vectorises as well as
- * K = 1000, and every lane sums its own row in k order (no reassociation is needed).
+ * pass, and an eager score makes two to five of them; at a million, the eager passes and
+ * their [N, K] temporaries cost more than the arithmetic. Here each score is one call and
+ * one sweep: a pass for the row maximum and the NaN/inf check, then a pass that
+ * exponentiates relative to the maximum and accumulates what the score needs.
+ *
+ * Two layouts of the vector lanes, both summing in a fixed order (no reassociation):
+ * - rows of few or strided columns: eight rows in the eight lanes, so that K = 10
+ *   vectorises; each lane sums its own row;
+ * - rows of many contiguous columns: eight columns in the lanes, loaded together; each lane
+ *   sums every eighth column, and the lanes are added at the end.
  *
  * Float32 only; the inputs are 2-D buffers with any strides (NumPy views of tensors).
  * Results match the eager scores to float32 rounding; a row holding NaN or +-inf gives NaN.
@@ -48,12 +53,17 @@ INLINE vfloat select_lanes(vint mask, vfloat a, vfloat b) {
     return out;
 }
 
+/* max(x, floor), and floor where x is NaN. */
+INLINE vfloat clamp_below(vfloat x, float floor) {
+    return select_lanes(~(x >= splat(floor)), splat(floor), x);
+}
+
 /* e^x for x <= 0, to about 1 ulp: Cody-Waite reduction to |r| <= ln2 / 2, a degree-6
  * polynomial, and 2^n from the exponent bits. Below -87 it gives e^-87 (1.6e-38), which
  * no sum of these scores (each at least 1) can tell from the true value. NaN (a row with
  * +inf, whose result is NaN anyway) is clamped too, so no NaN reaches the int conversion. */
 INLINE vfloat exp_nonpositive(vfloat x) {
-    x = select_lanes(~(x >= splat(-87.0f)), splat(-87.0f), x);
+    x = clamp_below(x, -87.0f);
     vfloat n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f; /* round(x / ln2) */
     vfloat r = x - n * 0.693359375f;
     r = r + n * 2.12194440e-4f;
@@ -153,7 +163,7 @@ typedef struct {
     float scalar;          /* the temperature (energy) or sum_k pi_k log pi_k (reverse KL) */
 } Spec;
 
-MULTIVERSION static void score_rows(const Logits *z, const Spec *spec, float *out) {
+MULTIVERSION static void score_blocks(const Logits *z, const Spec *spec, float *out) {
     const float temperature = spec->score == NEG_LOG_SUM_EXP ? spec->scalar : 1.0f;
     for (Py_ssize_t first = 0; first < z->rows; first += LANES) {
         const char *row[LANES];
@@ -210,6 +220,127 @@ MULTIVERSION static void score_rows(const Logits *z, const Spec *spec, float *ou
         for (int lane = 0; lane < LANES && first + lane < z->rows; lane++)
             out[first + lane] = result[lane];
     }
+}
+
+/* Rows of many contiguous columns: lanes along the row instead, loaded eight at a time
+ * (no gathering); each lane sums every eighth column, and the lanes are added at the end. */
+#define ALONG_MIN_COLUMNS 32
+
+INLINE vfloat load8(const float *p) {
+    vfloat v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+INLINE float lanes_max(vfloat v) {
+    float m = v[0];
+    for (int lane = 1; lane < LANES; lane++) m = v[lane] > m ? v[lane] : m;
+    return m;
+}
+
+INLINE float lanes_sum(vfloat v) {
+    return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
+/* The last, partial vector of a row: the n <= 7 remaining values, and 0 in the lanes past
+ * them (the caller masks those lanes out of every sum). */
+INLINE vfloat load_tail(const float *p, int n) {
+    vfloat v = splat(0.0f);
+    for (int lane = 0; lane < n; lane++) v[lane] = p[lane];
+    return v;
+}
+
+INLINE vint lanes_below(int n) {
+    vint mask;
+    for (int lane = 0; lane < LANES; lane++) mask[lane] = lane < n ? -1 : 0;
+    return mask;
+}
+
+/* Adds one vector of a row to the score's sums: e = exp(d) to s, and what the score needs
+ * to t (with `valid`, the lanes outside it add nothing). */
+INLINE void accumulate(enum Score score, vfloat d, vfloat c, const vint *valid, vfloat *s,
+                       vfloat *t) {
+    vfloat e = exp_nonpositive(d);
+    if (valid) e = select_lanes(*valid, e, splat(0.0f));
+    *s += e;
+    if (score == ENTROPY) *t += e * d;
+    if (score == KL) *t += e * (d - c);
+    if (score == REVERSE_KL) *t += d * c; /* c and d are 0 past the row's end */
+}
+
+INLINE float score_one_row(const float *r, Py_ssize_t cols, const Spec *spec, enum Score score) {
+    const vint exponent = {0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000,
+                           0x7f800000, 0x7f800000, 0x7f800000, 0x7f800000};
+    const float temperature = score == NEG_LOG_SUM_EXP ? spec->scalar : 1.0f;
+    const Py_ssize_t full = cols - cols % LANES;
+    const int rest = (int)(cols - full);
+    const vint tail = lanes_below(rest);
+    vfloat mv = load8(r);
+    vint bad = {0};
+    for (Py_ssize_t k = 0; k < full; k += LANES) {
+        vfloat v = load8(r + k);
+        vint bits;
+        memcpy(&bits, &v, sizeof bits);
+        bad |= (bits & exponent) == exponent;
+        mv = select_lanes(v > mv, v, mv);
+    }
+    float m = lanes_max(mv);
+    int nonfinite = 0;
+    for (int lane = 0; lane < LANES; lane++) nonfinite |= bad[lane];
+    for (Py_ssize_t k = full; k < cols; k++) {
+        nonfinite |= !isfinite(r[k]);
+        m = r[k] > m ? r[k] : m;
+    }
+    if (nonfinite) return NAN;
+    if (score == MAX_LOGIT) return -m;
+    m = m / temperature;
+    vfloat s = splat(0.0f), t = splat(0.0f);
+    const float *c = spec->constant;
+    for (Py_ssize_t k = 0; k < full; k += LANES)
+        accumulate(score, load8(r + k) / temperature - splat(m), c ? load8(c + k) : splat(0.0f),
+                   NULL, &s, &t);
+    if (rest)
+        accumulate(score, select_lanes(tail, load_tail(r + full, rest) / temperature - splat(m),
+                                       splat(0.0f)),
+                   c ? load_tail(c + full, rest) : splat(0.0f), &tail, &s, &t);
+    float sum = lanes_sum(s), total = lanes_sum(t), result;
+    switch (score) {
+    case MSP:
+        return -1.0f / sum;
+    case NEG_LOG_SUM_EXP:
+        return -temperature * (m + logf(sum));
+    case ENTROPY:
+        return logf(sum) - total / sum;
+    case KL:
+        result = total / sum - logf(sum);
+        return result < 0.0f ? 0.0f : result;
+    case REVERSE_KL:
+        result = spec->scalar - total + logf(sum);
+        return result < 0.0f ? 0.0f : result;
+    default:
+        return -m;
+    }
+}
+
+MULTIVERSION static void score_along_rows(const Logits *z, const Spec *spec, float *out) {
+    for (Py_ssize_t i = 0; i < z->rows; i++) {
+        const float *r = (const float *)(z->data + i * z->row_stride);
+        switch (spec->score) { /* one inlined copy of the row loop per score */
+        case MAX_LOGIT: out[i] = score_one_row(r, z->cols, spec, MAX_LOGIT); break;
+        case MSP: out[i] = score_one_row(r, z->cols, spec, MSP); break;
+        case NEG_LOG_SUM_EXP: out[i] = score_one_row(r, z->cols, spec, NEG_LOG_SUM_EXP); break;
+        case ENTROPY: out[i] = score_one_row(r, z->cols, spec, ENTROPY); break;
+        case KL: out[i] = score_one_row(r, z->cols, spec, KL); break;
+        case REVERSE_KL: out[i] = score_one_row(r, z->cols, spec, REVERSE_KL); break;
+        }
+    }
+}
+
+static void score_rows(const Logits *z, const Spec *spec, float *out) {
+    if (z->col_stride == 4 && z->cols >= ALONG_MIN_COLUMNS)
+        score_along_rows(z, spec, out);
+    else
+        score_blocks(z, spec, out);
 }
 
 /* ------------------------------------------------------------------ Python bindings */
@@ -306,7 +437,7 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {
     .m_base = PyModuleDef_HEAD_INIT,
     .m_name = "oodmon._native_scores",
-    .m_doc = "Row kernels for the logit scores on small CPU batches (see oodmon/_native.py).",
+    .m_doc = "Row kernels for the logit scores on the CPU (see oodmon/_native.py).",
     .m_size = -1,
     .m_methods = methods,
 };

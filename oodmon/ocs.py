@@ -15,6 +15,7 @@ at least ``floor`` (default ``1e-6``) and renormalised; the floor is stored with
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import numbers
@@ -79,9 +80,12 @@ class OCS:
     floor: float = DEFAULT_FLOOR
     wrong_cost: float = 0.0
 
-    @property
+    @functools.cached_property
     def num_outputs(self) -> int:
-        """Width of the model output this OCS expects (``2 * D`` for Gaussian NLL heads)."""
+        """Width of the model output this OCS expects (``2 * D`` for Gaussian NLL heads).
+
+        Cached: every score of a batch checks it.
+        """
         width = int(self.target.shape[-1])
         return 2 * width if self.loss == "gaussian_nll" else width
 

@@ -211,8 +211,8 @@ def _zero_log0(log_p: Tensor, kind: str) -> Tensor:
 #: Below this many elements a batch is cheaper through log_softmax (fewer kernel launches,
 #: which dominate small batches) than through the single exponentiation pass; above it, the
 #: passes over memory dominate. Measured crossover on CPU: 256 x 10 is 20% faster the first
-#: way, 1024 x 1000 30% faster the second. Below it, float32 logits on the CPU go to the
-#: native kernels when they are built (``_native.py``): one call instead of two to five.
+#: way, 1024 x 1000 30% faster the second. Float32 logits on the CPU go to the native
+#: kernels instead when they are built (``_native_score``).
 _SINGLE_PASS_MIN_ELEMENTS = 32_768
 
 
@@ -251,9 +251,16 @@ def _softmax(z: Tensor) -> Tensor:
     return torch.softmax(z, dim=-1) if out is None else torch.softmax(z, -1, out=out)
 
 
-def _small(kernel: str, x: Tensor, *constants: Any) -> Tensor | None:
-    """The native kernel's score for a small batch of logits (``_native.py``), else None."""
-    return native(kernel, x, *constants) if x.numel() < _SINGLE_PASS_MIN_ELEMENTS else None
+def _native_score(kernel: str, x: Tensor, *constants: Any) -> Tensor | None:
+    """The native kernel's score of a batch of logits (``_native.py``), else None.
+
+    Small batches always: one call instead of two to five. Larger ones while PyTorch runs
+    on at most two threads: the single-threaded sweep is then 1.5-3x faster than the eager
+    passes (``benchmarks/scores.py``), while many threads outrun it.
+    """
+    if x.numel() < _SINGLE_PASS_MIN_ELEMENTS or torch.get_num_threads() <= 2:
+        return native(kernel, x, *constants)
+    return None
 
 
 def _invalidate(score: Tensor, x: Tensor, kind: str = "logits", sign: float = 1.0) -> Tensor:
@@ -300,7 +307,7 @@ def msp(outputs: Tensor, kind: InputKind = "logits") -> Tensor:
 
 def _msp(x: Tensor, kind: str) -> Tensor:
     if kind == "logits":
-        if (score := _small("msp", x)) is not None:
+        if (score := _native_score("msp", x)) is not None:
             return score
         top = _softmax(x).amax(dim=-1)  # one fused pass, like log_softmax
     elif kind == "probs":
@@ -320,7 +327,7 @@ def max_logit(outputs: Tensor) -> Tensor:
 
 
 def _max_logit(x: Tensor) -> Tensor:
-    if (score := _small("max_logit", x)) is not None:
+    if (score := _native_score("max_logit", x)) is not None:
         return score
     return _invalidate(x.amax(dim=-1), x, sign=-1.0)
 
@@ -337,7 +344,7 @@ def energy(outputs: Tensor, temperature: float = 1.0) -> Tensor:
 
 
 def _energy(x: Tensor, temperature: float) -> Tensor:
-    if (score := _small("neg_log_sum_exp", x, temperature)) is not None:
+    if (score := _native_score("neg_log_sum_exp", x, temperature)) is not None:
         return score
     scaled = x if temperature == 1.0 else x / temperature
     if x.numel() >= _SINGLE_PASS_MIN_ELEMENTS:
@@ -358,7 +365,7 @@ def entropy(outputs: Tensor, kind: InputKind = "logits") -> Tensor:
 
 
 def _entropy(x: Tensor, kind: str) -> Tensor:
-    if kind == "logits" and (score := _small("entropy", x)) is not None:
+    if kind == "logits" and (score := _native_score("entropy", x)) is not None:
         return score
     if kind == "logits" and x.numel() >= _SINGLE_PASS_MIN_ELEMENTS:
         h = fused("entropy", x)
@@ -398,7 +405,10 @@ def kl_to_ocs(outputs: Tensor, ocs: OCS, kind: InputKind = "logits") -> Tensor:
 
 
 def _kl_to_ocs(x: Tensor, ocs: OCS, kind: str) -> Tensor:
-    if kind == "logits" and (score := _small("kl", x, ocs.host_constant("log_target"))) is not None:
+    if (
+        kind == "logits"
+        and (score := _native_score("kl", x, ocs.host_constant("log_target"))) is not None
+    ):
         return score
     log_pi = ocs.constant_on("log_target", x.device, x.dtype)
     if kind == "logits" and x.numel() >= _SINGLE_PASS_MIN_ELEMENTS:
@@ -433,7 +443,7 @@ def reverse_kl_to_ocs(outputs: Tensor, ocs: OCS, kind: InputKind = "logits") -> 
 def _reverse_kl_to_ocs(x: Tensor, ocs: OCS, kind: str) -> Tensor:
     if kind == "logits":
         constants = ocs.host_constant("target"), ocs.host_constant("_neg_entropy")
-        if (score := _small("reverse_kl", x, *constants)) is not None:
+        if (score := _native_score("reverse_kl", x, *constants)) is not None:
             return score
     pi = ocs.constant_on("target", x.device, x.dtype)
     neg_entropy_pi = ocs.constant_on("_neg_entropy", x.device, x.dtype)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import oodmon
-from oodmon import _fused
+from oodmon import _fused, _native
 from oodmon import scores as S
 
 OCS = oodmon.OCS.cross_entropy(counts=[50, 20, 10, 5, 5, 3, 3, 2, 1, 1] * 8)  # K = 80
@@ -21,12 +21,17 @@ OCS = oodmon.OCS.cross_entropy(counts=[50, 20, 10, 5, 5, 3, 3, 2, 1, 1] * 8)  # 
 
 @pytest.fixture
 def compiled() -> Iterator[None]:
-    """Kernels on for one test; the process-wide switch and failure state restored after."""
-    saved = dict(_fused._state)
+    """Kernels on for one test; the process-wide switch and failure state restored after.
+
+    The native kernels, which serve CPU float32 logits first, are off meanwhile.
+    """
+    saved, native_was_active = dict(_fused._state), _native.native_active()
     _fused.use_compiled(True)
     _fused._state["failed"] = None
+    _native.use_native(False)
     yield
     _fused._state.update(saved)
+    _native.use_native(native_was_active)
 
 
 def awkward_logits(rows: int) -> torch.Tensor:

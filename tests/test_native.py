@@ -1,6 +1,6 @@
-"""The native row kernels for small CPU batches: the eager scores' results to float32
-rounding (NaN rows included, any strides), used only where they serve, and a failing kernel
-falls back to eager (logged once) without changing a result."""
+"""The native row kernels for CPU logits: the eager scores' results to float32 rounding
+(NaN rows included, any strides, both lane layouts), used only where they serve, and a
+failing kernel falls back to eager (logged once) without changing a result."""
 
 from __future__ import annotations
 
@@ -52,19 +52,17 @@ SCORES: dict[str, Callable[[torch.Tensor, oodmon.OCS], torch.Tensor]] = {
 
 @pytest.fixture
 def restored_state() -> Iterator[None]:
-    saved = dict(_native._state)
+    assert _native.native_active()
     yield
-    _native._state.clear()
-    _native._state.update(saved)
+    _native.use_native(True)
 
 
 def eager(fn: Callable[[], T]) -> T:
-    saved = dict(_native._state)
     _native.use_native(False)
     try:
         return fn()
     finally:
-        _native._state.update(saved)
+        _native.use_native(True)
 
 
 def assert_same_as_eager(name: str, z: torch.Tensor, ocs: oodmon.OCS) -> None:
@@ -93,7 +91,7 @@ def awkward_logits(rows: int, width: int, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", sorted(SCORES))
 @pytest.mark.parametrize("rows", [1, 7, 8, 9, 256, 301])
-@pytest.mark.parametrize("width", [1, 2, 10, 64, 65, 100])
+@pytest.mark.parametrize("width", [1, 2, 10, 31, 32, 33, 64, 65, 1000])
 def test_native_scores_equal_the_eager_ones(name: str, rows: int, width: int) -> None:
     assert_same_as_eager(name, awkward_logits(rows, width), ocs_for(width))
 
@@ -107,10 +105,13 @@ def test_any_strides(name: str) -> None:
         "every third row": awkward_logits(192, 20, seed=7)[::3],
         "one row repeated": base[10:11].expand(33, 20),
         "an offset view": awkward_logits(70, 20, seed=8)[6:],
+        "wide, every other column": awkward_logits(64, 80, seed=9)[:, 1::2],
+        "wide, column-major": awkward_logits(64, 40, seed=10).t().contiguous().t(),
+        "wide, an offset view": awkward_logits(70, 40, seed=14)[6:, 3:],
     }
     for layout, z in layouts.items():
-        assert z.stride() != (20, 1) or layout == "an offset view", layout
-        assert_same_as_eager(name, z, ocs_for(20))
+        assert not z.is_contiguous() or layout == "an offset view", layout
+        assert_same_as_eager(name, z, ocs_for(z.shape[1]))
 
 
 @settings(max_examples=60, deadline=None)
@@ -127,9 +128,7 @@ def test_random_batches_agree(rows: int, width: int, scale: float, seed: int, na
     assert_same_as_eager(name, z, ocs_for(width))
 
 
-def test_the_kernels_serve_small_float32_cpu_logits_only(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_the_kernels_serve_float32_cpu_logits_only(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
 
     class Spy:
@@ -144,10 +143,20 @@ def test_the_kernels_serve_small_float32_cpu_logits_only(
     calls.clear()
     S.kl_to_ocs(small.double(), OCS10)  # float64: eager
     S.kl_to_ocs(torch.softmax(small.nan_to_num(), 1), OCS10, kind="probs")  # not logits
-    S.entropy(awkward_logits(4096, 10))  # 40,960 elements: PyTorch's threaded kernels
-    S.msp(small[:0])  # no rows: eager
-    assert calls == ["msp"]  # asked, and the kernel left the empty batch to the eager path
-    assert S.msp(small[:0]).shape == (0,)
+    S.msp(small[:0])  # no rows: asked, and the kernel leaves the empty batch to eager
+    assert calls == ["msp"] and S.msp(small[:0]).shape == (0,)
+    calls.clear()
+    large = awkward_logits(4096, 10)  # 40,960 elements
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        S.entropy(large)  # the single-threaded sweep beats two threads' eager passes
+        torch.set_num_threads(4)
+        S.entropy(large)  # more threads: PyTorch's own kernels
+        S.msp(small)  # a small batch is served whatever the threads
+    finally:
+        torch.set_num_threads(threads)
+    assert calls == ["entropy", "msp"]
 
 
 def test_a_monitor_scores_with_the_kernels_and_gets_the_eager_verdicts() -> None:
@@ -174,12 +183,12 @@ def test_a_failing_kernel_is_logged_once_and_the_scores_stay_eager(
 
     monkeypatch.setattr(_native, "_kernels", Broken())
     z = awkward_logits(32, 10)
-    expected = eager(lambda: S.kl_to_ocs(z, OCS10))
+    expected_kl, expected_entropy = eager(lambda: (S.kl_to_ocs(z, OCS10), S.entropy(z)))
     with caplog.at_level(logging.WARNING, logger="oodmon"):
         first = S.kl_to_ocs(z, OCS10)
         second = S.entropy(z)
-    torch.testing.assert_close(first, expected, equal_nan=True)
-    torch.testing.assert_close(second, eager(lambda: S.entropy(z)), equal_nan=True)
+    torch.testing.assert_close(first, expected_kl, equal_nan=True)
+    torch.testing.assert_close(second, expected_entropy, equal_nan=True)
     warnings = [r for r in caplog.records if "native score kernels failed" in r.getMessage()]
     assert len(warnings) == 1 and "kernel exploded" in warnings[0].getMessage()
     assert not _native.native_active()
