@@ -67,7 +67,11 @@ def native(name: str, x: Tensor, *constants: Any) -> Tensor | None:
     if not _active or x.dtype is not torch.float32 or not x.is_cpu:
         return None
     try:
-        rows = getattr(_kernels, name)(x.numpy(), *constants)
+        array = x.numpy()
+    except Exception:  # a tensor NumPy cannot view (sparse, say): the eager path's to judge
+        return None
+    try:
+        rows = getattr(_kernels, name)(array, *constants)
     except Exception as err:  # a kernel or binding failure: eager from now on
         _active = False
         _log.warning(

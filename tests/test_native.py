@@ -194,6 +194,12 @@ def test_a_failing_kernel_is_logged_once_and_the_scores_stay_eager(
     assert not _native.native_active()
 
 
+def test_a_tensor_numpy_cannot_view_goes_eager_and_leaves_the_kernels_on() -> None:
+    sparse = awkward_logits(8, 10).nan_to_num(0.0, 0.0, 0.0).to_sparse()
+    assert _native.native("msp", sparse) is None
+    assert _native.native_active()
+
+
 def test_off_by_environment_or_call(restored_state: None) -> None:
     assert _native.native_active()
     _native.use_native(False)
