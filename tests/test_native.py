@@ -107,6 +107,8 @@ def test_any_strides(name: str) -> None:
         "an offset view": awkward_logits(70, 20, seed=8)[6:],
         "wide, every other column": awkward_logits(64, 80, seed=9)[:, 1::2],
         "wide, column-major": awkward_logits(64, 40, seed=10).t().contiguous().t(),
+        # more columns than the eight-row blocks keep gathered: the rest are gathered again
+        "wider, column-major": awkward_logits(20, 100, seed=15).t().contiguous().t(),
         "wide, an offset view": awkward_logits(70, 40, seed=14)[6:, 3:],
     }
     for layout, z in layouts.items():
