@@ -63,12 +63,12 @@ def switched(
 
     def call(z: torch.Tensor) -> object:
         S.use_compiled(compiled)
-        _native.use_native(False)
+        S.use_native(False)
         try:
             return fn(z)
         finally:
             S.use_compiled(False)
-            _native.use_native(native_default)
+            S.use_native(native_default)
 
     return call
 

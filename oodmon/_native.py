@@ -9,7 +9,7 @@ K=1000 a single-threaded sweep is 1.5-3x faster than the eager passes on two thr
 They serve float32 logits on the CPU: small batches always, larger ones while PyTorch runs on
 at most two threads (``scores._native_score``). The package builds them when a C compiler is
 there. Without them, with ``OODMON_NATIVE_SCORES=0`` or after
-:func:`use_native(False) <use_native>`, the scores run eager, with the same results to
+``oodmon.scores.use_native(False)``, the scores run eager, with the same results to
 float32 rounding (``tests/test_native.py``). If a kernel ever fails, that is logged once and
 the scores stay eager for the rest of the process.
 """

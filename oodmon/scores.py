@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from oodmon._fused import fused, use_compiled
-from oodmon._native import native
+from oodmon._native import native, use_native
 from oodmon._scratch import scratch
 from oodmon.errors import OutputShapeError
 from oodmon.ocs import LOSSES, OCS
@@ -50,6 +50,7 @@ __all__ = [
     "msp",
     "reverse_kl_to_ocs",
     "use_compiled",
+    "use_native",
 ]
 
 InputKind = Literal["logits", "probs", "log_probs"]

@@ -97,10 +97,7 @@ class MonitoredModel(nn.Module):
 
     def _report(self, result: Any, args: tuple[Any, ...]) -> None:
         try:
-            if self._output is None and isinstance(result, Tensor):
-                logits = result  # the common case, without select_output's frame
-            else:
-                logits = select_output(result, self._output)
+            logits = select_output(result, self._output)
             inputs = None
             if self.monitor.queue is not None and args and isinstance(args[0], Tensor):
                 inputs = args[0].detach() if args[0].requires_grad else args[0]

@@ -204,7 +204,7 @@ def test_a_tensor_numpy_cannot_view_goes_eager_and_leaves_the_kernels_on() -> No
 
 def test_off_by_environment_or_call(restored_state: None) -> None:
     assert _native.native_active()
-    _native.use_native(False)
+    S.use_native(False)  # the public switch, beside S.use_compiled
     assert not _native.native_active()
     assert _native.native("kl", awkward_logits(8, 10), OCS10.host_constant("log_target")) is None
     _native.use_native(True)
