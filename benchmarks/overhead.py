@@ -6,17 +6,27 @@ Each configuration runs in interleaved rounds (bare, wrapped with background sco
 default, and wrapped with synchronous scoring), in a shuffled order each round, so that
 machine noise and order effects hit all of them alike. A round times several forward calls;
 the ratio wrapped/bare is taken per round and the table reports its median and interquartile
-range. Every wrapped model has Prometheus metrics
-and an SQLite label queue attached, as in production. Two ways of timing, both reported:
+range. Every wrapped model has Prometheus metrics and an SQLite label queue attached, as in
+production. Three ways of timing, all reported:
 
 * flushed: after each wrapped round the monitor is flushed inside the timed region, so work
   pushed onto the background thread is paid for, not hidden;
 * alternating: bare and background-wrapped calls alternate one by one, each timed alone, and
   the worker is never flushed inside a timed region, so its scoring competes with the next
-  forward passes as it does in a server (the monitor is flushed between rounds, untimed).
+  forward passes as it does in a server (the monitor is flushed between rounds, untimed);
+* randomised: bare and wrapped calls in a random order, each followed by one timed bare
+  forward. A wrapped call costs its own extra time plus the extra time of the forward after
+  it: its copies and Python code leave that forward colder caches. The alternating pass
+  charges that second part to the bare call that follows, so its ratio understates the
+  calling thread's cost.
 
-The alternating pass also times ``Monitor.submit`` on the calling thread with
-``perf_counter_ns`` (the part of the overhead that is not the worker's).
+A second table says where the overhead goes, in microseconds per call: wrapped minus bare in
+each harness (the randomised one split into the call and the forward after it),
+``Monitor.submit`` timed on the calling thread in the alternating pass, the worker thread's
+CPU time in the flushed pass (read from its own CPU clock, so it counts what the worker did,
+not how long it waited) and the wait in ``flush`` at the end of a flushed round. What the
+flushed overhead has beyond these is the worker competing with the model for cores and for
+the GIL.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ import random
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -98,6 +109,8 @@ def run_case(case: Case, rounds: int, workdir: Path) -> dict[str, object]:
         "sync": (synchronous, sync_monitor),
     }
     times: dict[str, list[float]] = {k: [] for k in configs}
+    worker_cpu: list[float] = []  # worker CPU seconds per background round
+    flush_wait: list[float] = []  # seconds in flush() per background round
     with torch.inference_mode():
         for _ in range(2):  # warm-up, including the background thread's start
             for model, monitor in configs.values():
@@ -110,12 +123,20 @@ def run_case(case: Case, rounds: int, workdir: Path) -> dict[str, object]:
             shuffler.shuffle(order)
             for name in order:
                 model, monitor = configs[name]
+                worker, cpu_before = worker_cpu_now(monitor)
                 start = time.perf_counter()
                 for _ in range(case.calls_per_round):
                     model(x)
+                flushing = time.perf_counter()
                 if monitor is not None:
                     monitor.flush()
-                times[name].append((time.perf_counter() - start) / case.calls_per_round)
+                end = time.perf_counter()
+                times[name].append((end - start) / case.calls_per_round)
+                if name == "background":
+                    worker_after, cpu_after = worker_cpu_now(monitor)
+                    # a worker started during the round began at zero CPU seconds
+                    worker_cpu.append(cpu_after - (cpu_before if worker_after is worker else 0))
+                    flush_wait.append(end - flushing)
     result: dict[str, object] = {
         "case": case.name,
         "bare_ms": statistics.median(times["bare"]) * 1e3,
@@ -125,7 +146,16 @@ def run_case(case: Case, rounds: int, workdir: Path) -> dict[str, object]:
         q1, med, q3 = statistics.quantiles(ratios, n=4)
         result[name] = {"median_ratio": med, "q1": q1, "q3": q3,
                         "ms": statistics.median(times[name]) * 1e3}  # fmt: skip
+    per_call_us = 1e6 / case.calls_per_round
+    result["flushed_us"] = statistics.median(
+        (w - b) * 1e6 for w, b in zip(times["background"], times["bare"], strict=True)
+    )
+    result["worker_cpu_us"] = statistics.median(worker_cpu) * per_call_us
+    result["flush_us"] = statistics.median(flush_wait) * per_call_us
     result["alternating"] = alternating(case, background, bg_monitor, x, rounds)
+    result["randomised"] = randomised(
+        case, background, bg_monitor, x, calls=rounds * case.calls_per_round
+    )
     for monitor, writer in ((bg_monitor, bg_writer), (sync_monitor, sync_writer)):
         stats = monitor.stats()
         result.setdefault("monitor_errors", 0)
@@ -153,6 +183,7 @@ def alternating(
 
     monitor.submit = timed_submit  # type: ignore[method-assign]
     ratios = []
+    extra_us = []
     try:
         with torch.inference_mode():
             for _ in range(rounds):
@@ -166,11 +197,64 @@ def alternating(
                     wrapped_total += time.perf_counter_ns() - middle
                 monitor.flush()  # between rounds, untimed: the backlog stays bounded
                 ratios.append(wrapped_total / bare)
+                extra_us.append((wrapped_total - bare) / case.calls_per_round / 1e3)
     finally:
         del monitor.submit
     q1, med, q3 = statistics.quantiles(ratios, n=4)
-    return {"median_ratio": med, "q1": q1, "q3": q3,
+    return {"median_ratio": med, "q1": q1, "q3": q3, "extra_us": statistics.median(extra_us),
             "submit_us": statistics.median(submit_ns) / 1e3}  # fmt: skip
+
+
+def randomised(
+    case: Case, wrapped: nn.Module, monitor: Monitor, x: torch.Tensor, calls: int
+) -> dict[str, float]:
+    """Bare or wrapped calls in a random order, each followed by a timed bare forward.
+
+    Returns, in microseconds, the wrapped call's extra time and the extra time of the forward
+    after it, each a difference of 10%-trimmed means (robust to the VM's stalls, yet moved by
+    every call), and the ratio (bare call + both) / bare call.
+    """
+    chooser = random.Random(1)
+    call_ns: dict[bool, list[int]] = {False: [], True: []}
+    next_ns: dict[bool, list[int]] = {False: [], True: []}
+    with torch.inference_mode():
+        for i in range(calls):
+            is_wrapped = chooser.random() < 0.5
+            start = time.perf_counter_ns()
+            (wrapped if is_wrapped else case.model)(x)
+            middle = time.perf_counter_ns()
+            case.model(x)
+            call_ns[is_wrapped].append(middle - start)
+            next_ns[is_wrapped].append(time.perf_counter_ns() - middle)
+            if i % 1000 == 999:
+                monitor.flush()  # untimed: the backlog stays bounded
+        monitor.flush()
+    bare = trimmed_mean(call_ns[False])
+    extra_call = trimmed_mean(call_ns[True]) - bare
+    extra_next = trimmed_mean(next_ns[True]) - trimmed_mean(next_ns[False])
+    return {"ratio": (bare + extra_call + extra_next) / bare,
+            "call_us": extra_call / 1e3, "next_forward_us": extra_next / 1e3}  # fmt: skip
+
+
+def trimmed_mean(values: list[int]) -> float:
+    """The mean of the middle 80%."""
+    ordered = sorted(values)
+    cut = len(ordered) // 10
+    return statistics.fmean(ordered[cut : len(ordered) - cut])
+
+
+def worker_cpu_now(monitor: Monitor | None) -> tuple[threading.Thread | None, float]:
+    """The monitor's worker thread and the CPU seconds it has used so far (0 without one).
+
+    Read from the thread's own CPU clock (Linux), so time it spent waiting is not counted.
+    """
+    worker = None if monitor is None else monitor._batcher.worker
+    if worker is None or worker.ident is None:
+        return worker, 0.0
+    try:
+        return worker, time.clock_gettime(time.pthread_getcpuclockid(worker.ident))
+    except OSError:  # the thread has ended
+        return worker, 0.0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -190,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         "| model | bare ms/call | background, flushed: median ratio [IQR] "
-        "| background, alternating: median ratio [IQR] | submit us/call "
+        "| background, alternating: median ratio [IQR] | background, randomised: ratio "
         "| sync: median ratio [IQR] |"
     )
     print("|---|---:|---:|---:|---:|---:|")
@@ -204,12 +288,28 @@ def main(argv: list[str] | None = None) -> None:
                 s = r[name]
                 assert isinstance(s, dict)
                 cells.append(f"{s['median_ratio']:.3f} [{s['q1']:.3f}, {s['q3']:.3f}]")
-            submit_us = r["alternating"]["submit_us"]  # type: ignore[index]
+            randomised_ratio = r["randomised"]["ratio"]  # type: ignore[index]
             print(
                 f"| {r['case']} | {r['bare_ms']:.3f} | {cells[0]} | {cells[1]} "
-                f"| {submit_us:.1f} | {cells[2]} |",
+                f"| {randomised_ratio:.3f} | {cells[2]} |",
                 flush=True,
             )
+    print()
+    print("Where the overhead goes, us per call (wrapped - bare; submit, worker and flush alone):")
+    print(
+        "| model | flushed | alternating | randomised: call + next forward "
+        "| Monitor.submit | worker CPU | flush wait |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        alt, rnd = r["alternating"], r["randomised"]
+        assert isinstance(alt, dict) and isinstance(rnd, dict)
+        both = rnd["call_us"] + rnd["next_forward_us"]
+        print(
+            f"| {r['case']} | {r['flushed_us']:.1f} | {alt['extra_us']:.1f} "
+            f"| {rnd['call_us']:.1f} + {rnd['next_forward_us']:.1f} = {both:.1f} "
+            f"| {alt['submit_us']:.1f} | {r['worker_cpu_us']:.1f} | {r['flush_us']:.1f} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
