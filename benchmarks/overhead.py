@@ -26,7 +26,8 @@ each harness (the randomised one split into the call and the forward after it),
 CPU time in the flushed pass (read from its own CPU clock, so it counts what the worker did,
 not how long it waited) and the wait in ``flush`` at the end of a flushed round. What the
 flushed overhead has beyond these is the worker competing with the model for cores and for
-the GIL.
+the GIL. Two probes in the randomised pass bound what a wrapped call could cost at least:
+the wrapper with a ``Monitor.submit`` that does nothing, and the two copies a submit makes.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -208,32 +210,58 @@ def alternating(
 def randomised(
     case: Case, wrapped: nn.Module, monitor: Monitor, x: torch.Tensor, calls: int
 ) -> dict[str, float]:
-    """Bare or wrapped calls in a random order, each followed by a timed bare forward.
+    """Bare, wrapped and probe calls in a random order, each followed by a timed bare forward.
 
     Returns, in microseconds, the wrapped call's extra time and the extra time of the forward
     after it, each a difference of 10%-trimmed means (robust to the VM's stalls, yet moved by
-    every call), and the ratio (bare call + both) / bare call.
+    every call), and the ratio (bare call + both) / bare call. Two probes, each counted as its
+    call's extra time plus the next forward's, bound what the wrapped call could cost: the
+    wrapper with a ``Monitor.submit`` that does nothing, and a bare forward followed by the two
+    copies a submit makes (kept as long as a lingering backlog keeps them).
     """
+    held: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=100)
+
+    def copies_only(inputs: torch.Tensor) -> None:
+        outputs = case.model(inputs)
+        held.append((outputs.clone(), inputs.clone()))
+
+    calls_of: dict[str, Callable[[torch.Tensor], object]] = {
+        "bare": case.model, "wrapped": wrapped, "wrapper_only": wrapped,
+        "copies_only": copies_only,
+    }  # fmt: skip
     chooser = random.Random(1)
-    call_ns: dict[bool, list[int]] = {False: [], True: []}
-    next_ns: dict[bool, list[int]] = {False: [], True: []}
+    call_ns: dict[str, list[int]] = {kind: [] for kind in calls_of}
+    next_ns: dict[str, list[int]] = {kind: [] for kind in calls_of}
     with torch.inference_mode():
         for i in range(calls):
-            is_wrapped = chooser.random() < 0.5
+            kind = chooser.choice(list(calls_of))
+            if kind == "wrapper_only":
+                monitor.submit = _no_submit  # type: ignore[method-assign]
             start = time.perf_counter_ns()
-            (wrapped if is_wrapped else case.model)(x)
+            calls_of[kind](x)
             middle = time.perf_counter_ns()
             case.model(x)
-            call_ns[is_wrapped].append(middle - start)
-            next_ns[is_wrapped].append(time.perf_counter_ns() - middle)
+            call_ns[kind].append(middle - start)
+            next_ns[kind].append(time.perf_counter_ns() - middle)
+            if kind == "wrapper_only":
+                del monitor.submit
             if i % 1000 == 999:
                 monitor.flush()  # untimed: the backlog stays bounded
         monitor.flush()
-    bare = trimmed_mean(call_ns[False])
-    extra_call = trimmed_mean(call_ns[True]) - bare
-    extra_next = trimmed_mean(next_ns[True]) - trimmed_mean(next_ns[False])
-    return {"ratio": (bare + extra_call + extra_next) / bare,
-            "call_us": extra_call / 1e3, "next_forward_us": extra_next / 1e3}  # fmt: skip
+    bare_call, bare_next = trimmed_mean(call_ns["bare"]), trimmed_mean(next_ns["bare"])
+
+    def extra(kind: str) -> tuple[float, float]:
+        return trimmed_mean(call_ns[kind]) - bare_call, trimmed_mean(next_ns[kind]) - bare_next
+
+    extra_call, extra_next = extra("wrapped")
+    return {"ratio": (bare_call + extra_call + extra_next) / bare_call,
+            "call_us": extra_call / 1e3, "next_forward_us": extra_next / 1e3,
+            "wrapper_only_us": sum(extra("wrapper_only")) / 1e3,
+            "copies_only_us": sum(extra("copies_only")) / 1e3}  # fmt: skip
+
+
+def _no_submit(*args: object, **kwargs: object) -> None:
+    """A ``Monitor.submit`` that does nothing: the wrapper's own cost."""
 
 
 def trimmed_mean(values: list[int]) -> float:
@@ -298,9 +326,10 @@ def main(argv: list[str] | None = None) -> None:
     print("Where the overhead goes, us per call (wrapped - bare; submit, worker and flush alone):")
     print(
         "| model | flushed | alternating | randomised: call + next forward "
-        "| Monitor.submit | worker CPU | flush wait |"
+        "| Monitor.submit | worker CPU | flush wait | probe: wrapper, no-op submit "
+        "| probe: the two copies alone |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         alt, rnd = r["alternating"], r["randomised"]
         assert isinstance(alt, dict) and isinstance(rnd, dict)
@@ -308,7 +337,8 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"| {r['case']} | {r['flushed_us']:.1f} | {alt['extra_us']:.1f} "
             f"| {rnd['call_us']:.1f} + {rnd['next_forward_us']:.1f} = {both:.1f} "
-            f"| {alt['submit_us']:.1f} | {r['worker_cpu_us']:.1f} | {r['flush_us']:.1f} |"
+            f"| {alt['submit_us']:.1f} | {r['worker_cpu_us']:.1f} | {r['flush_us']:.1f} "
+            f"| {rnd['wrapper_only_us']:.1f} | {rnd['copies_only_us']:.1f} |"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
