@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import sys
@@ -214,10 +215,11 @@ def randomised(
 
     Returns, in microseconds, the wrapped call's extra time and the extra time of the forward
     after it, each a difference of 10%-trimmed means (robust to the VM's stalls, yet moved by
-    every call), and the ratio (bare call + both) / bare call. Two probes, each counted as its
-    call's extra time plus the next forward's, bound what the wrapped call could cost: the
-    wrapper with a ``Monitor.submit`` that does nothing, and a bare forward followed by the two
-    copies a submit makes (kept as long as a lingering backlog keeps them).
+    every call), and the ratio (bare call + both) / bare call; then, for the wrapped call and
+    each probe, its call plus next forward against the bare one's, with a standard error. The
+    two probes bound what the wrapped call could cost: the wrapper with a ``Monitor.submit``
+    that does nothing, and a bare forward followed by the two copies a submit makes (kept as
+    long as a lingering backlog keeps them).
     """
     held: deque[tuple[torch.Tensor, torch.Tensor]] = deque(maxlen=100)
 
@@ -249,15 +251,20 @@ def randomised(
                 monitor.flush()  # untimed: the backlog stays bounded
         monitor.flush()
     bare_call, bare_next = trimmed_mean(call_ns["bare"]), trimmed_mean(next_ns["bare"])
-
-    def extra(kind: str) -> tuple[float, float]:
-        return trimmed_mean(call_ns[kind]) - bare_call, trimmed_mean(next_ns[kind]) - bare_next
-
-    extra_call, extra_next = extra("wrapped")
-    return {"ratio": (bare_call + extra_call + extra_next) / bare_call,
-            "call_us": extra_call / 1e3, "next_forward_us": extra_next / 1e3,
-            "wrapper_only_us": sum(extra("wrapper_only")) / 1e3,
-            "copies_only_us": sum(extra("copies_only")) / 1e3}  # fmt: skip
+    extra_call = trimmed_mean(call_ns["wrapped"]) - bare_call
+    extra_next = trimmed_mean(next_ns["wrapped"]) - bare_next
+    result = {"ratio": (bare_call + extra_call + extra_next) / bare_call,
+              "call_us": extra_call / 1e3, "next_forward_us": extra_next / 1e3}  # fmt: skip
+    # each kind's call + next forward against the bare one's, with a standard error
+    totals = {kind: [c + n for c, n in zip(call_ns[kind], next_ns[kind], strict=True)]
+              for kind in calls_of}  # fmt: skip
+    for kind in ("wrapped", "wrapper_only", "copies_only"):
+        result[f"{kind}_us"] = (trimmed_mean(totals[kind]) - trimmed_mean(totals["bare"])) / 1e3
+        result[f"{kind}_se_us"] = (
+            math.hypot(trimmed_standard_error(totals[kind]), trimmed_standard_error(totals["bare"]))
+            / 1e3
+        )
+    return result
 
 
 def _no_submit(*args: object, **kwargs: object) -> None:
@@ -266,9 +273,19 @@ def _no_submit(*args: object, **kwargs: object) -> None:
 
 def trimmed_mean(values: list[int]) -> float:
     """The mean of the middle 80%."""
+    return statistics.fmean(_middle(values))
+
+
+def trimmed_standard_error(values: list[int]) -> float:
+    """The standard error of :func:`trimmed_mean` (a rough one: the middle's spread)."""
+    middle = _middle(values)
+    return statistics.stdev(middle) / math.sqrt(len(middle))
+
+
+def _middle(values: list[int]) -> list[int]:
     ordered = sorted(values)
     cut = len(ordered) // 10
-    return statistics.fmean(ordered[cut : len(ordered) - cut])
+    return ordered[cut : len(ordered) - cut]
 
 
 def worker_cpu_now(monitor: Monitor | None) -> tuple[threading.Thread | None, float]:
@@ -333,12 +350,13 @@ def main(argv: list[str] | None = None) -> None:
     for r in results:
         alt, rnd = r["alternating"], r["randomised"]
         assert isinstance(alt, dict) and isinstance(rnd, dict)
-        both = rnd["call_us"] + rnd["next_forward_us"]
         print(
             f"| {r['case']} | {r['flushed_us']:.1f} | {alt['extra_us']:.1f} "
-            f"| {rnd['call_us']:.1f} + {rnd['next_forward_us']:.1f} = {both:.1f} "
+            f"| {rnd['call_us']:.1f} + {rnd['next_forward_us']:.1f} "
+            f"= {rnd['wrapped_us']:.1f} +- {rnd['wrapped_se_us']:.1f} "
             f"| {alt['submit_us']:.1f} | {r['worker_cpu_us']:.1f} | {r['flush_us']:.1f} "
-            f"| {rnd['wrapper_only_us']:.1f} | {rnd['copies_only_us']:.1f} |"
+            f"| {rnd['wrapper_only_us']:.1f} +- {rnd['wrapper_only_se_us']:.1f} "
+            f"| {rnd['copies_only_us']:.1f} +- {rnd['copies_only_se_us']:.1f} |"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
