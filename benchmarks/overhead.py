@@ -239,14 +239,16 @@ def randomised(
             kind = chooser.choice(list(calls_of))
             if kind == "wrapper_only":
                 monitor.submit = _no_submit  # type: ignore[method-assign]
-            start = time.perf_counter_ns()
-            calls_of[kind](x)
-            middle = time.perf_counter_ns()
-            case.model(x)
+            try:
+                start = time.perf_counter_ns()
+                calls_of[kind](x)
+                middle = time.perf_counter_ns()
+                case.model(x)
+            finally:
+                if kind == "wrapper_only":
+                    del monitor.submit
             call_ns[kind].append(middle - start)
             next_ns[kind].append(time.perf_counter_ns() - middle)
-            if kind == "wrapper_only":
-                del monitor.submit
             if i % 1000 == 999:
                 monitor.flush()  # untimed: the backlog stays bounded
         monitor.flush()
@@ -272,13 +274,19 @@ def _no_submit(*args: object, **kwargs: object) -> None:
 
 
 def trimmed_mean(values: list[int]) -> float:
-    """The mean of the middle 80%."""
-    return statistics.fmean(_middle(values))
+    """The mean of the middle 80% (NaN with no values: too few rounds)."""
+    middle = _middle(values)
+    return statistics.fmean(middle) if middle else math.nan
 
 
 def trimmed_standard_error(values: list[int]) -> float:
-    """The standard error of :func:`trimmed_mean` (a rough one: the middle's spread)."""
+    """The standard error of :func:`trimmed_mean` (a rough one: the middle's spread).
+
+    NaN with fewer than two values in the middle: too few rounds to tell.
+    """
     middle = _middle(values)
+    if len(middle) < 2:
+        return math.nan
     return statistics.stdev(middle) / math.sqrt(len(middle))
 
 
@@ -300,6 +308,8 @@ def worker_cpu_now(monitor: Monitor | None) -> tuple[threading.Thread | None, fl
         return worker, time.clock_gettime(time.pthread_getcpuclockid(worker.ident))
     except OSError:  # the thread has ended
         return worker, 0.0
+    except AttributeError:  # no per-thread CPU clocks here (not Linux)
+        return worker, math.nan
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -311,6 +321,8 @@ def main(argv: list[str] | None = None) -> None:
         "--switch-interval", type=float, help="sys.setswitchinterval (s), for GIL experiments"
     )
     args = parser.parse_args(argv)
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2 (the quartiles need two rounds)")
     if args.switch_interval is not None:
         sys.setswitchinterval(args.switch_interval)
     print(

@@ -120,9 +120,7 @@ class OCS:
 
     def host_constant(self, name: str) -> np.ndarray:
         """A constant as a float32 NumPy array on the host, cached: the native kernels' form."""
-        cache: dict[str, np.ndarray] | None = self.__dict__.get("_host_constants")
-        if cache is None:
-            cache = self.__dict__.setdefault("_host_constants", {})
+        cache: dict[str, np.ndarray] = self.__dict__.setdefault("_host_constants", {})
         value = cache.get(name)
         if value is None:
             value = self.constant_on(name, torch.device("cpu"), torch.float32).numpy()
